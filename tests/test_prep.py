@@ -1,0 +1,398 @@
+"""Tests for prep.py: layouts, labels, patients, image modes, bad files, re-runs, phantoms."""
+import csv
+import collections
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import prep  # noqa: E402
+
+REAL_SAMPLE = Path(os.environ.get("XRAY_SAMPLE", REPO.parent / "shared" / "xray"))
+
+# A miniature Kaggle tree with the real file-name patterns: (split, folder, name, class, patient)
+KAGGLE_FILES = [
+    ("train", "NORMAL", "IM-0115-0001.jpeg", "normal", "IM-0115"),
+    ("train", "NORMAL", "IM-0117-0001-0002.jpeg", "normal", "IM-0117"),
+    ("train", "NORMAL", "NORMAL2-IM-0588-0001.jpeg", "normal", "NORMAL2-IM-0588"),
+    ("train", "PNEUMONIA", "person12_bacteria_46.jpeg", "bacterial", "bacteria/person12"),
+    ("train", "PNEUMONIA", "person12_bacteria_47.jpeg", "bacterial", "bacteria/person12"),
+    ("train", "PNEUMONIA", "person13_bacteria_48.jpeg", "bacterial", "bacteria/person13"),
+    # The same person number with a virus file is another patient (per-class numbering).
+    ("train", "PNEUMONIA", "person12_virus_6.jpeg", "viral", "virus/person12"),
+    ("train", "PNEUMONIA", "person1_virus_6.jpeg", "viral", "virus/person1"),
+    ("val", "NORMAL", "NORMAL2-IM-1427-0001.jpeg", "normal", "NORMAL2-IM-1427"),
+    ("val", "PNEUMONIA", "person1946_bacteria_4874.jpeg", "bacterial", "bacteria/person1946"),
+    ("test", "NORMAL", "IM-0001-0001.jpeg", "normal", "IM-0001"),
+    ("test", "PNEUMONIA", "person100_bacteria_475.jpeg", "bacterial", "bacteria/person100"),
+    # person12 again, in test, but as a virus patient: not the train bacteria/person12.
+    ("test", "PNEUMONIA", "person1000_virus_1681.jpeg", "viral", "virus/person1000"),
+]
+
+
+def jpeg_bytes(seed, size=(40, 30), mode="L"):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).convert(mode).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_kaggle_tree(root, prefix="chest_xray"):
+    """The extracted Kaggle archive: chest_xray/{train,test,val}/..., plus junk."""
+    for i, (split, folder, name, _, _) in enumerate(KAGGLE_FILES):
+        p = root / prefix / split / folder / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(jpeg_bytes(i))
+    (root / prefix / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\0\1junk")
+    junk = root / "__MACOSX" / prefix / "train" / "NORMAL" / "._IM-0115-0001.jpeg"
+    junk.parent.mkdir(parents=True, exist_ok=True)
+    junk.write_bytes(b"not an image")
+    return root
+
+
+def read_rows(data):
+    with open(Path(data) / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run(argv):
+    """prep.main in-process; returns the exit code."""
+    with pytest.raises(SystemExit) as e:
+        prep.main([str(a) for a in argv])
+    return e.value.code
+
+
+def expected_rows():
+    out = {}
+    for split, folder, name, cls, patient in KAGGLE_FILES:
+        s = "test" if split == "test" else "train"
+        out[f"{s}/{cls}/{Path(name).stem}.png"] = (s, cls, patient)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["plain", "nested", "zip", "inner"])
+def test_kermany_layouts_labels_and_patients(tmp_path, layout):
+    src = make_kaggle_tree(tmp_path / "src")
+    if layout == "nested":  # the Kaggle zip's duplicate chest_xray/chest_xray copy
+        make_kaggle_tree(tmp_path / "src" / "chest_xray", prefix="chest_xray")
+    if layout == "zip":
+        zpath = tmp_path / "archive.zip"
+        with zipfile.ZipFile(zpath, "w") as zf:
+            for p in sorted(src.rglob("*")):
+                if p.is_file():
+                    zf.write(p, p.relative_to(src).as_posix())
+        src = zpath
+    if layout == "inner":  # the user points at chest_xray/ itself
+        src = src / "chest_xray"
+    out = tmp_path / "data"
+    assert run(["kermany", src, "--out", out, "--size", 32, "--workers", 1]) == 0
+    rows = read_rows(out)
+    got = {r["path"]: (r["split"], r["class"], r["patient"]) for r in rows}
+    assert got == expected_rows()  # one copy of each image, val joined to train, right labels
+    for r in rows:
+        img = Image.open(out / r["path"])
+        assert img.mode == "L" and img.size == (32, 32)
+        assert r["source"].startswith("kermany:")
+    assert not prep.patient_leaks(rows)
+
+
+def test_kermany_val_frac_is_patient_disjoint(tmp_path):
+    src = make_kaggle_tree(tmp_path / "src")
+    out = tmp_path / "data"
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1, "--val-frac", 0.5]) == 0
+    rows = read_rows(out)
+    splits = collections.Counter(r["split"] for r in rows)
+    assert splits["val"] > 0 and splits["train"] > 0 and splits["test"] == 3
+    by_patient = collections.defaultdict(set)
+    for r in rows:
+        by_patient[r["patient"]].add(r["split"])
+        assert r["path"].startswith(r["split"] + "/") and (out / r["path"]).exists()
+    assert all(len(s) == 1 for s in by_patient.values())
+    assert by_patient["bacteria/person12"] in ({"train"}, {"val"})  # its two images stay together
+
+
+def test_kermany_multiprocess_equals_single(tmp_path):
+    src = make_kaggle_tree(tmp_path / "src")
+    run(["kermany", src, "--out", tmp_path / "a", "--size", 24, "--workers", 1])
+    run(["kermany", src, "--out", tmp_path / "b", "--size", 24, "--workers", 2])
+    for r in read_rows(tmp_path / "a"):
+        assert (tmp_path / "a" / r["path"]).read_bytes() == (tmp_path / "b" / r["path"]).read_bytes()
+
+
+def test_truncated_and_garbage_files_are_skipped_and_listed(tmp_path, capsys):
+    src = make_kaggle_tree(tmp_path / "src")
+    bad = src / "chest_xray" / "train" / "PNEUMONIA" / "person13_bacteria_48.jpeg"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])  # truncated JPEG
+    (src / "chest_xray" / "test" / "NORMAL" / "IM-0002-0001.jpeg").write_bytes(b"garbage")
+    out = tmp_path / "data"
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 0
+    text = capsys.readouterr().out
+    assert "person13_bacteria_48.jpeg" in text and "IM-0002-0001.jpeg" in text
+    assert "2 unreadable" in text
+    paths = {r["path"] for r in read_rows(out)}
+    assert "train/bacterial/person13_bacteria_48.png" not in paths
+    assert len(paths) == len(KAGGLE_FILES) - 1
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_rerun_is_idempotent_and_interrupted_run_continues(tmp_path, monkeypatch):
+    src = make_kaggle_tree(tmp_path / "src")
+    ref = tmp_path / "ref"
+    run(["kermany", src, "--out", ref, "--size", 16, "--workers", 1])
+
+    # Interrupt after 4 images (as Ctrl-C would), with a stale temp file lying around.
+    out = tmp_path / "data"
+    real_write, calls = prep.write_png_atomic, []
+
+    def flaky_write(array, path):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(path)
+        real_write(array, path)
+
+    monkeypatch.setattr(prep, "write_png_atomic", flaky_write)
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 130
+    monkeypatch.setattr(prep, "write_png_atomic", real_write)
+    written = sorted(out.rglob("*.png"))
+    assert len(written) == 4
+    stale = out / "test" / "normal" / "IM-0001-0001.png.tmp"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"half an image")
+
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 0
+    for r in read_rows(ref):
+        assert (out / r["path"]).read_bytes() == (ref / r["path"]).read_bytes()
+    assert read_rows(out) == read_rows(ref)
+
+    # A third run writes nothing: every file keeps its modification time.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 0
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+    # Other settings into the same folder are refused instead of mixing sizes.
+    assert run(["kermany", src, "--out", out, "--size", 32, "--workers", 1]) == 2
+
+
+def pil_image(mode):
+    """A 20x10 gradient in `mode`, plus the gray levels we expect back."""
+    ramp = np.tile(np.linspace(0, 1, 20), (10, 1))
+    if mode in ("I;16", "I", "F"):
+        lo, hi = {"I;16": (1000, 4000), "I": (-5000, 70000), "F": (0.25, 0.75)}[mode]
+        a = lo + ramp * (hi - lo)
+        if mode == "I;16":
+            img = Image.fromarray(a.astype(np.uint16))
+        elif mode == "I":
+            img = Image.fromarray(a.astype(np.int32))
+        else:
+            img = Image.fromarray(a.astype(np.float32))
+        assert img.mode == mode
+        return img, np.round(ramp * 255)  # rescaled from its own min..max to the full range
+    gray = np.round(ramp * 255).astype(np.uint8)
+    base = Image.fromarray(gray)
+    if mode == "1":
+        return base.convert("1"), None  # PIL dithers to two levels: checked separately below
+    return base.convert(mode), gray.astype(np.float64)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16", "I", "F", "CMYK", "1"])
+def test_every_pil_mode_becomes_8bit_gray(mode):
+    img, expected = pil_image(mode)
+    out = prep.to_gray8(img)
+    assert out.dtype == np.uint8 and out.shape == (10, 20)
+    if mode == "1":
+        assert set(np.unique(out)) <= {0, 255}  # two levels, whatever the dithering
+        assert out[:, :3].mean() < 64 and out[:, -3:].mean() > 191
+    elif mode in ("CMYK", "P"):
+        assert np.abs(out - expected).max() <= 8  # lossy colour round trips
+    else:
+        assert np.abs(out - expected).max() <= 1
+    if mode in ("I;16", "I", "F"):
+        assert out.min() == 0 and out.max() == 255  # the full range
+
+
+@pytest.mark.parametrize("mode", ["RGB", "I;16", "P", "1"])
+def test_odd_modes_go_through_the_whole_pipeline(tmp_path, mode):
+    src = make_kaggle_tree(tmp_path / "src")
+    img, _ = pil_image(mode)
+    target = src / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
+    target.unlink()
+    img.save(target.with_suffix(".png"))  # PNG holds all of these modes
+    out = tmp_path / "data"
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 0
+    written = Image.open(out / "train" / "normal" / "IM-0115-0001.png")
+    assert written.mode == "L" and written.size == (16, 16)
+
+
+def test_square_fit_and_crop_to_body():
+    a = np.zeros((60, 100), np.uint8)
+    assert prep.make_square(a, "crop").shape == (60, 60)
+    padded = prep.make_square(a + 7, "pad")
+    assert padded.shape == (100, 100) and padded[0, 0] == 0 and padded[50, 50] == 7
+    body = np.full((100, 120), 10, np.uint8)
+    body[20:80, 30:100] = 200  # a bright torso on dark air, plus a small bright label
+    body[2:6, 2:6] = 255
+    cropped = prep.crop_to_body(body)
+    assert abs(cropped.shape[0] - 60) <= 3 and abs(cropped.shape[1] - 70) <= 3
+    assert prep.preprocess(Image.fromarray(body), 32, crop=True).shape == (32, 32)
+
+
+def test_covid_collection(tmp_path):
+    root = tmp_path / "covid"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(20):
+        view, modality, finding = "PA", "X-ray", "Pneumonia/Viral/COVID-19"
+        if i == 1:
+            view = "AP Supine"
+        if i == 2:
+            view = "L"  # lateral: dropped
+        if i == 3:
+            modality = "CT"  # dropped
+        if i == 4:
+            finding = "Pneumonia/Bacterial/Streptococcus"  # not COVID-19: dropped
+        name = f"img{i}.jpg"
+        (root / "images" / name).write_bytes(jpeg_bytes(i, mode="RGB"))
+        rows.append({"patientid": str(i // 2), "finding": finding, "view": view, "modality": modality,
+                     "folder": "images", "filename": name})
+    with open(root / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "data"
+    assert run(["covid", root, "--out", out, "--size", 16, "--workers", 1, "--test-frac", 0.3]) == 0
+    got = read_rows(out)
+    assert len(got) == 17 and all(r["class"] == "covid" for r in got)
+    assert {r["split"] for r in got} == {"train", "test"}
+    assert not prep.patient_leaks(got)
+    # A second source in the same folder keeps the first one's manifest rows.
+    run(["synthetic", "--out", out, "--n", 2, "--size", 16, "--workers", 1])
+    sources = collections.Counter(r["source"].split(":")[0] for r in read_rows(out))
+    assert sources == {"covid": 17, "synthetic": 9}
+
+
+def test_synthetic_is_deterministic_and_laid_out(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(["synthetic", "--out", a, "--n", 6, "--size", 32, "--seed", 3, "--workers", 1]) == 0
+    assert run(["synthetic", "--out", b, "--n", 6, "--size", 32, "--seed", 3, "--workers", 2]) == 0
+    rows = read_rows(a)
+    assert collections.Counter((r["split"], r["class"]) for r in rows) == {
+        (s, c): (6 if s == "train" else 2) for s in ("train", "test") for c in prep.SYNTHETIC_CLASSES}
+    for r in rows:
+        assert (a / r["path"]).read_bytes() == (b / r["path"]).read_bytes()
+        img = Image.open(a / r["path"])
+        assert img.mode == "L" and img.size == (32, 32)
+    assert not prep.patient_leaks(rows)
+    other = prep.synthetic_xray("viral", 32, (4, 2, 0, 0), (4, 2, 0, 0, 0))
+    assert not np.array_equal(other, np.asarray(Image.open(a / "train/viral/viral_train_00000.png")))
+
+
+def test_synthetic_classes_differ_in_shape_not_in_mean_brightness():
+    n, size = 60, 48
+    means, images = {}, {}
+    for ci, cls in enumerate(prep.SYNTHETIC_CLASSES):
+        imgs = np.stack([prep.synthetic_xray(cls, size, (0, ci, i), (0, ci, i, 0)) for i in range(n)])
+        images[cls] = imgs.astype(np.float64)
+        means[cls] = imgs.reshape(n, -1).mean(1)
+    # The best single threshold on mean brightness, for each pair of classes, is near chance.
+    for c1, c2 in [("normal", "bacterial"), ("normal", "viral"), ("bacterial", "viral")]:
+        values = np.concatenate([means[c1], means[c2]])
+        labels = np.r_[np.zeros(n), np.ones(n)]
+        best = max(max(((values > t) == labels).mean(), ((values <= t) == labels).mean()) for t in values)
+        assert best < 0.75, (c1, c2, best)
+    # Yet the images differ where the disease is: per-pixel class means are far apart in the
+    # lungs (a nearest-centroid rule on pixels beats chance clearly on held-out phantoms).
+    centroids = {c: images[c][: n // 2].mean(0) for c in images}
+    correct = 0
+    for ci, c in enumerate(images):
+        for img in images[c][n // 2:]:
+            img = img - img.mean()
+            d = {k: ((img - (v - v.mean())) ** 2).sum() for k, v in centroids.items()}
+            correct += min(d, key=d.get) == c
+    assert correct / (3 * (n - n // 2)) > 0.5
+
+
+def test_check_reports_leaks_duplicates_and_broken_files(tmp_path, capsys):
+    data = tmp_path / "syn"
+    prep.make_synthetic(data, n=4, size=16, seed=0)
+    assert run(["check", data]) == 0
+    assert "check passed" in capsys.readouterr().out
+    # A patient in two splits.
+    rows = read_rows(data)
+    rows[0]["patient"] = next(r["patient"] for r in rows if r["split"] != rows[0]["split"])
+    with open(data / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=prep.MANIFEST_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    assert run(["check", data]) == 1
+    assert "LEAK patient" in capsys.readouterr().out
+    # A copied image across splits and a broken PNG.
+    prep.make_synthetic(tmp_path / "syn2", n=4, size=16, seed=0)
+    data = tmp_path / "syn2"
+    src = data / "train" / "normal" / "normal_train_00000.png"
+    (data / "test" / "normal" / "copy.png").write_bytes(src.read_bytes())
+    (data / "test" / "viral" / "broken.png").write_bytes(src.read_bytes()[:40])
+    assert run(["check", data]) == 1
+    text = capsys.readouterr().out
+    assert "LEAK (same pixels in two splits)" in text and "BROKEN test/viral/broken.png" in text
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    def error_of(argv):
+        assert run(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+        return err
+
+    assert "does not exist" in error_of(["kermany", tmp_path / "nope"])
+    (tmp_path / "flat").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "flat" / "a.png")
+    assert "chest_xray/{train,test,val}" in error_of(["kermany", tmp_path / "flat"])
+    src = make_kaggle_tree(tmp_path / "src")
+    for p in (src / "chest_xray").rglob("*virus*"):
+        p.unlink()
+    assert "no viral images" in error_of(["kermany", src, "--out", tmp_path / "o", "--workers", 1])
+    assert "metadata.csv" in error_of(["covid", tmp_path / "flat"])
+    err = error_of(["check", tmp_path / "missing"])
+    assert "prep.py kermany" in err and "prep.py synthetic" in err
+
+
+def test_command_line_runs_as_a_script(tmp_path):
+    out = tmp_path / "syn"
+    r = subprocess.run([sys.executable, "prep.py", "synthetic", "--out", str(out), "--n", "3", "--size", "16"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "synthetic: 12 phantom images" in r.stdout
+    r = subprocess.run([sys.executable, "prep.py", "check", str(tmp_path / "nothing")], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ")
+
+
+@pytest.mark.skipif(not (REAL_SAMPLE / "chest_xray").is_dir(), reason="real sample ../shared/xray absent")
+def test_real_kermany_sample_matches_its_manifest(tmp_path):
+    with open(REAL_SAMPLE / "manifest.csv", newline="") as f:
+        sample = list(csv.DictReader(f))
+    label = {"normal": "normal", "bacteria": "bacterial", "virus": "viral"}
+    expected = collections.Counter((r["split"], label[r["label"]]) for r in sample)
+    out = tmp_path / "data"
+    assert run(["kermany", REAL_SAMPLE / "chest_xray", "--out", out, "--size", 64, "--workers", 2]) == 0
+    rows = read_rows(out)
+    assert collections.Counter((r["split"], r["class"]) for r in rows) == expected
+    assert not prep.patient_leaks(rows)
+    assert run(["check", out]) == 0
+
+
+@pytest.mark.skipif(not (REAL_SAMPLE / "covid").is_dir(), reason="real sample ../shared/xray absent")
+def test_real_covid_sample(tmp_path):
+    out = tmp_path / "data"
+    assert run(["covid", REAL_SAMPLE / "covid", "--out", out, "--size", 32, "--workers", 1]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 30 and not prep.patient_leaks(rows)
