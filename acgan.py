@@ -259,7 +259,7 @@ def to_model_input(x_uint8, channels, channels_last):
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def parse_classes(text):
+def parse_classes(text, at_least=2):
     """'normal,bacterial,viral' -> ['normal', 'bacterial', 'viral'], with one-line errors."""
     classes = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in classes if c not in KNOWN_CLASSES]
@@ -268,7 +268,7 @@ def parse_classes(text):
     duplicated = sorted({c for c in classes if classes.count(c) > 1})
     if duplicated:
         raise UserError(f"class {duplicated[0]!r} appears twice in --classes — list each class once")
-    if len(classes) < 2:
+    if len(classes) < at_least:
         raise UserError("AC-GAN needs at least two classes in --classes — "
                         "for one class use dcgan.py, or add one (e.g. --classes normal,viral)")
     return classes
@@ -347,7 +347,7 @@ def load_png(path, size):
             im = im.convert("L")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.LANCZOS)
-            return np.asarray(im, dtype=np.uint8)
+            return np.array(im, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for unreadable/truncated files
         raise UserError(f"cannot read image {path} ({type(e).__name__}) — delete it or make the "
                         f"folder again with prep.py") from None
@@ -879,7 +879,7 @@ def check_args(args):
                             "--generate 500 --ckpt runs/<run>/checkpoints/last.pt --out fake/acgan")
         if args.resume is not None:
             raise UserError("--generate and --resume do not go together — generate from --ckpt instead")
-        args.classes = None if args.classes is None else parse_classes(args.classes)
+        args.classes = None if args.classes is None else parse_classes(args.classes, at_least=1)
         return args
     if args.ckpt:
         raise UserError("--ckpt is only for --generate — to continue training use --resume PATH")
