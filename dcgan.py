@@ -558,18 +558,23 @@ def build_evaluator(real_uint8, args, device):
         raise UserError(str(e))
 
 
-@torch.no_grad()
-def generate_batches(netG, n, nz, noise, seed, batch_size, device):
-    """Yield n generated images as uint8 (B, C, S, S) batches on the CPU: eval mode (BatchNorm
-    uses its running statistics), no autograd, z from a CPU generator seeded with `seed`, so the
-    same seed gives the same z on any device."""
-    was_training = netG.training
-    netG.eval()
+def noise_batches(n, nz, noise, seed, batch_size):
+    """n vectors z in batches, from a CPU generator seeded with `seed`: the same z on any device,
+    and the global RNG that training uses is not touched."""
     rng = torch.Generator().manual_seed(seed)
     for start in range(0, n, batch_size):
-        z = sample_noise(min(batch_size, n - start), nz, noise, generator=rng).to(device)
-        yield to_uint8(netG(z).float()).cpu()
+        yield sample_noise(min(batch_size, n - start), nz, noise, generator=rng)
+
+
+@torch.no_grad()
+def sample(netG, z):
+    """G(z) as uint8 images on the CPU, in eval mode (BatchNorm uses its running statistics)
+    and without autograd; G goes back to the mode it was in."""
+    was_training = netG.training
+    netG.eval()
+    images = to_uint8(netG(z).float()).cpu()
     netG.train(was_training)
+    return images
 
 
 def train(args, argv):
@@ -675,17 +680,15 @@ def train(args, argv):
     for path in (log_csv, metrics_csv):
         truncate_csv(path, step)  # rows the checkpoint does not cover will be written again
 
+    # Fixed noise for the sample grids: every grid shows the same GRID * GRID z.
+    fixed_z = next(noise_batches(GRID * GRID, NZ, args.noise, args.seed, GRID * GRID)).to(device)
+
     def save_samples():
-        # Fixed noise: generate_batches draws z from a generator seeded with --seed, so every
-        # grid shows the same GRID * GRID z (and touches no RNG that training uses).
-        grid = image_grid(next(generate_batches(netG, GRID * GRID, NZ, args.noise, args.seed,
-                                                GRID * GRID, device)), rows=GRID)
-        save_png(sample_dir / f"step_{step:06d}.png", grid)
+        save_png(sample_dir / f"step_{step:06d}.png", image_grid(sample(netG, fixed_z), GRID))
 
     def evaluate():
-        fakes = torch.cat(list(generate_batches(netG, args.eval_n, NZ, args.noise,
-                                                args.seed + EVAL_SEED_OFFSET, args.batch_size,
-                                                device)))
+        fakes = torch.cat([sample(netG, z.to(device)) for z in noise_batches(
+            args.eval_n, NZ, args.noise, args.seed + EVAL_SEED_OFFSET, args.batch_size)])
         scores = evaluator.score(fakes)
         append_csv(metrics_csv, {"step": step, "epoch": epoch + 1, **scores})
         print(f"eval step {step}: FID {scores['fid']:.2f}  IS {scores['is_mean']:.3f} "
@@ -799,9 +802,8 @@ def generate(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     i = 0
-    for batch in generate_batches(netG, args.generate, ckpt["nz"], ckpt["noise"], args.seed,
-                                  args.batch_size, device):
-        for image in batch:
+    for z in noise_batches(args.generate, ckpt["nz"], ckpt["noise"], args.seed, args.batch_size):
+        for image in sample(netG, z.to(device)):
             save_png(out / f"dcgan_{ckpt['cls']}_{i:06d}.png", image)
             i += 1
     print(f"wrote {i} PNGs ({ckpt['size']}x{ckpt['size']}, {ckpt['channels']} channel"
