@@ -72,13 +72,13 @@ DEFAULT_CLASSES = "normal,bacterial,viral"                  # the paper's three 
 SUPPORTED_SIZES = (64, 112, 128)          # 112 is the paper's; size / 16 must be a whole map
 N_UPSAMPLINGS = 4                         # paper 3.3: "4 transpose convolutional layers"
 START_DIVISOR = 2 ** N_UPSAMPLINGS        # start map = size / 16: 7x7 at 112 (paper), 4x4 at 64, 8x8 at 128
-LATENT_DIM = 100                          # length of z (not given in the paper; Odena et al. use 110, Keras AC-GAN 100)
+LATENT_DIM = 100                          # length of z: not given in the paper; 100 as DCGAN
 LABEL_EMBED_DIM = 50                      # paper 3.3: "An embedding of dimension 50"
 G_CHANNELS = 1024                         # paper 3.3: noise through "a 1024 x 7 x 7 dense layer"
-D_CHANNELS = 32                           # first discriminator block (doubles each stage), as the Keras CovidGAN D
+D_CHANNELS = 32                           # first D block, doubled at each stage: 32 -> 256 (widths not in the paper)
 KERNEL = 4                                # kernel 4, stride 2, padding 1 exactly doubles / halves a map (DCGAN)
-LEAKY_SLOPE = 0.2                         # LeakyReLU slope of DCGAN and of AC-GAN (Odena et al., appendix)
-D_DROPOUT = 0.5                           # dropout in every D block (paper 3.3; Odena et al. use 0.5)
+LEAKY_SLOPE = 0.2                         # LeakyReLU slope (paper 3.3 names LeakyReLU; 0.2 as DCGAN)
+D_DROPOUT = 0.5                           # dropout in every D block (paper 3.3 names it without a rate)
 INIT_STD = 0.02                           # N(0, 0.02) weights, as DCGAN (Radford et al. 2015)
 RMSPROP_LR = 1e-4                         # paper 3.4: RMSProp, learning rate 1e-4
 RMSPROP_ALPHA = 0.9                       # the paper used TensorFlow/Keras, whose RMSprop rho is 0.9 (torch: 0.99)
@@ -86,7 +86,7 @@ RMSPROP_EPS = 1e-7                        # Keras RMSprop epsilon
 ADAM_LR = 2e-4                            # --optimizer adam: DCGAN's lr and betas
 ADAM_BETAS = (0.5, 0.999)
 BATCH_SIZE = 32                           # paper 3.4: "a batch size of 32 images"
-EPOCHS = 200                              # paper: "32000 epochs" at batch 32 is ~32000 steps, i.e. ~200 passes over 5,216 images
+EPOCHS = 200                              # paper 3.4 "32000 epochs" at batch 32 reads as ~32000 steps: ~200 passes over 5,216 images
 SAMPLES_PER_CLASS = 8                     # columns of the sample grid (one row per class)
 SEED_STRIDE = 100003                      # data order of epoch e is seeded with seed * SEED_STRIDE + e
 FIXED_NOISE_SEED_OFFSET = 1               # the sample grid's noise has its own generator ...
@@ -132,7 +132,7 @@ class Generator(nn.Module):
         # label branch: (B,) -> (B, 50) -> (B, s0*s0), linear activation as the paper says
         self.label_embedding = nn.Embedding(n_classes, embed_dim)        # (B,) -> (B, 50)
         self.label_dense = nn.Linear(embed_dim, self.s0 * self.s0)       # (B, 50) -> (B, 49)
-        # noise branch: (B, latent) -> (B, 1024*s0*s0); ReLU as the Keras AC-GAN the paper used
+        # noise branch: (B, latent) -> (B, 1024*s0*s0), then ReLU (the paper is silent; Keras AC-GAN examples do this)
         self.noise_dense = nn.Linear(latent_dim, c * self.s0 * self.s0)  # (B, 100) -> (B, 50176)
         self.upsample = nn.Sequential(
             # (B, 1024 + 1, 7, 7) -> (B, 512, 14, 14); no bias: BatchNorm adds its own shift
@@ -675,7 +675,8 @@ def train(args, device):
               "resize": "PIL LANCZOS when a PNG is not --size"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     n_params = sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())
-    print(f"classes {dict(zip(classes, data.counts))} (balanced sampling), {steps_per_epoch} steps/epoch, "
+    source = "random tensors (--random-data)" if args.random_data else f"{dict(zip(classes, data.counts))} images"
+    print(f"classes: {source}, balanced sampling; {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps, G {n_params[0] / 1e6:.1f}M / D {n_params[1] / 1e6:.2f}M parameters")
 
     fixed_z, fixed_y = fixed_sample_inputs(n_classes, args.latent_dim, args.seed, device)
