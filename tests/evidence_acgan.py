@@ -10,6 +10,8 @@ not classify.py) and checks it on the real test set, then prints
   - that classifier's accuracy on generated images, per asked-for class, against chance (1/K),
     for the trained generator and, as a control, for the same generator before training;
   - the discriminator's class-head accuracy on real test images and on generated images.
+It also prints how diverse the fakes of one class are (per-pixel std across images) next to the
+real images', since a generator can carry the class and still ignore z (partial mode collapse).
 The independent classifier is the stronger evidence: the discriminator's class head is trained on
 fakes too, so it can learn the generator's own code for a class even if it looks nothing like it.
 """
@@ -152,11 +154,16 @@ def main():
     d_real, d_real_all, _ = per_class(d_class_predictions(D, x_test), y_test)
     d_fake, d_fake_all, _ = per_class(d_class_predictions(D, x_fake), y_fake)
 
+    # diversity: per-pixel standard deviation across images of one class, fakes vs real
+    # (a generator that ignores z draws the same image for every z: std near 0)
+    spread = lambda x: (x.float() / 127.5 - 1).std(0).mean().item()  # noqa: E731
+    std_fake = {c: spread(x_fake[y_fake == k]) for k, c in enumerate(CLASSES)}
+    std_real = {c: spread(x_train[y_train == k]) for k, c in enumerate(CLASSES)}
     chance = 1 / len(CLASSES)
     print()
     print(f"AC-GAN evidence: {args.steps} steps at {args.size}x{args.size} on {args.n} synthetic "
           f"images/class (g-channels {args.g_channels}, d-channels {args.d_channels}, batch "
-          f"{args.batch_size}), {t_gan / 60:.1f} min of CPU training; chance = {chance:.3f}")
+          f"{args.batch_size}), {t_gan / 60:.1f} min of CPU training in this call; chance = {chance:.3f}")
     print(f"independent CNN on the real synthetic test set ({len(y_test)} images): {clf_real_acc:.3f}")
     print(f"{'judge':<42}{'all':>7}" + "".join(f"{c:>11}" for c in CLASSES))
     for name, overall, accs in [
@@ -166,6 +173,8 @@ def main():
         ("D class head on fakes, trained G", d_fake_all, d_fake),
     ]:
         print(f"{name:<42}{overall:>7.3f}" + "".join(f"{accs[c]:>11.3f}" for c in CLASSES))
+    print("per-pixel std across images (diversity), fakes vs real: " + ", ".join(
+        f"{c} {std_fake[c]:.3f} vs {std_real[c]:.3f}" for c in CLASSES))
     print(f"CNN confusion on fakes, trained G (rows asked {CLASSES}, cols predicted): {clf_conf}")
     print(f"CNN confusion on fakes, untrained G: {clf_conf0}")
     epochs_csv = run / "epochs.csv"
@@ -175,7 +184,7 @@ def main():
               "d_channels": args.d_channels, "minutes_training": t_gan / 60, "chance": chance,
               "clf_real_test": clf_real_acc, "clf_fake": clf_fake, "clf_fake_all": clf_fake_all,
               "clf_fake_untrained": clf_fake0, "d_cls_real_test": d_real, "d_cls_fake": d_fake,
-              "clf_confusion_fake": clf_conf}
+              "clf_confusion_fake": clf_conf, "std_fake": std_fake, "std_real": std_real}
     (work / "evidence_acgan.json").write_text(json.dumps(result, indent=2))
     print(f"numbers in {work / 'evidence_acgan.json'}, samples in {run / 'samples'} "
           f"({(time.time() - t0) / 60:.1f} min in all)")
