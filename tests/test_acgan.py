@@ -398,3 +398,41 @@ def test_ctrl_c_saves_last_and_exits_130(synth, tmp_path, capsys, monkeypatch):
     assert code == 130 and "--resume" in err[-1]
     assert load(out / "checkpoints/last.pt")["step"] == 2      # the step in flight was finished
     assert signal.getsignal(signal.SIGINT) is before           # the old handler is back
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training (metrics.py, offline with a random-weights Inception)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    import metrics
+    path = tmp_path_factory.mktemp("fid") / "random_inception.pth"
+    torch.save(metrics.FIDInceptionV3().state_dict(), path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:FID from N_real")
+def test_eval_every_writes_fid_is_kid_per_class(synth, fid_weights, tmp_path, capsys):
+    """8 real and 4 generated images per class: 12 Inception passes per class. Two classes only:
+    each FID costs an eigendecomposition of a 2048x2048 matrix (seconds on this CPU)."""
+    out = tmp_path / "run"
+    code, _ = run_main(train_args(synth / "train", out, "--classes", "normal,viral", "--max-steps", "2",
+                                  "--eval-every", "2", "--eval-n", "4", "--fid-weights", str(fid_weights)),
+                       capsys)
+    assert code == 0
+    rows = read_csv(out / "metrics.csv")
+    assert [r["class"] for r in rows] == ["normal", "viral"] and {r["step"] for r in rows} == {"2"}
+    for r in rows:
+        assert int(r["n_real"]) == N_PER_CLASS and int(r["n_fake"]) == 4
+        assert r["network"] == "pt_inception-2015-12-05"
+        for key in ("fid", "is_mean", "kid_mean"):
+            assert math.isfinite(float(r[key]))
+
+
+def test_missing_fid_weights_fail_before_training(synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_main(train_args(synth / "train", out, "--eval-every", "2",
+                                    "--fid-weights", str(tmp_path / "missing.pth")), capsys)
+    assert code == 2
+    one_error_line(err, "missing.pth")
+    assert not (out / "log.csv").exists() and not (out / "checkpoints").exists()
