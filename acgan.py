@@ -9,13 +9,14 @@ trained to make the class head right, so the generator learns to draw the class 
 
 Exact commands (run from the repository root):
 
-    # a small synthetic set, then a short CPU run at 64x64 with narrow networks (minutes)
+    # a small synthetic set, then a short CPU run at 64x64 with narrow networks (~10 minutes)
     python prep.py synthetic --out data/synth --n 200 --size 64 --seed 0
-    python acgan.py --data data/synth/train --size 64 --g-channels 256 --d-channels 16 \\
-        --batch-size 32 --epochs 20 --device cpu
+    python acgan.py --data data/synth/train --size 64 --g-channels 128 --d-channels 16 \\
+        --max-steps 1200 --device cpu
 
     # the paper's setting (112x112, RMSprop lr 1e-4, batch 32) on the Kermany X-rays, on a GPU
-    python prep.py kermany PATH/TO/chest_xray --out data --size 112
+    # (--crop: cut to the body, as the paper's preprocessing, section 3.2)
+    python prep.py kermany PATH/TO/chest-xray-pneumonia.zip --out data --size 112 --crop
     python acgan.py --data data/train
 
     # continue that run where it stopped (reads runs/acgan_normal_bacterial_viral_112/checkpoints/last.pt)
@@ -75,18 +76,19 @@ START_DIVISOR = 2 ** N_UPSAMPLINGS        # start map = size / 16: 7x7 at 112 (p
 LATENT_DIM = 100                          # length of z: not given in the paper; 100 as DCGAN
 LABEL_EMBED_DIM = 50                      # paper 3.3: "An embedding of dimension 50"
 G_CHANNELS = 1024                         # paper 3.3: noise through "a 1024 x 7 x 7 dense layer"
-D_CHANNELS = 32                           # first D block, doubled at each stage: 32 -> 256 (widths not in the paper)
-KERNEL = 4                                # kernel 4, stride 2, padding 1 exactly doubles / halves a map (DCGAN)
+D_CHANNELS = 32                           # first D block, doubled per stage: 32 -> 256 (no widths in paper)
+KERNEL = 4                                # kernel 4, stride 2, padding 1 doubles / halves a map exactly
 LEAKY_SLOPE = 0.2                         # LeakyReLU slope (paper 3.3 names LeakyReLU; 0.2 as DCGAN)
 D_DROPOUT = 0.5                           # dropout in every D block (paper 3.3 names it without a rate)
 INIT_STD = 0.02                           # N(0, 0.02) weights, as DCGAN (Radford et al. 2015)
 RMSPROP_LR = 1e-4                         # paper 3.4: RMSProp, learning rate 1e-4
-RMSPROP_ALPHA = 0.9                       # the paper used TensorFlow/Keras, whose RMSprop rho is 0.9 (torch: 0.99)
+RMSPROP_ALPHA = 0.9                       # paper used TensorFlow: Keras RMSprop rho 0.9 (torch default 0.99)
 RMSPROP_EPS = 1e-7                        # Keras RMSprop epsilon
 ADAM_LR = 2e-4                            # --optimizer adam: DCGAN's lr and betas
 ADAM_BETAS = (0.5, 0.999)
 BATCH_SIZE = 32                           # paper 3.4: "a batch size of 32 images"
-EPOCHS = 200                              # paper 3.4 "32000 epochs" at batch 32 reads as ~32000 steps: ~200 passes over 5,216 images
+EPOCHS = 200                              # paper 3.4's "32000 epochs" at batch 32 reads as ~32000 steps,
+#                                           i.e. ~200 passes over the 5,216 Kermany training images
 SAMPLES_PER_CLASS = 8                     # columns of the sample grid (one row per class)
 SEED_STRIDE = 100003                      # data order of epoch e is seeded with seed * SEED_STRIDE + e
 FIXED_NOISE_SEED_OFFSET = 1               # the sample grid's noise has its own generator ...
@@ -132,7 +134,8 @@ class Generator(nn.Module):
         # label branch: (B,) -> (B, 50) -> (B, s0*s0), linear activation as the paper says
         self.label_embedding = nn.Embedding(n_classes, embed_dim)        # (B,) -> (B, 50)
         self.label_dense = nn.Linear(embed_dim, self.s0 * self.s0)       # (B, 50) -> (B, 49)
-        # noise branch: (B, latent) -> (B, 1024*s0*s0), then ReLU (the paper is silent; Keras AC-GAN examples do this)
+        # noise branch: (B, latent) -> (B, 1024*s0*s0), then a ReLU (the paper is silent; the
+        # Keras AC-GAN examples it builds on use one)
         self.noise_dense = nn.Linear(latent_dim, c * self.s0 * self.s0)  # (B, 100) -> (B, 50176)
         self.upsample = nn.Sequential(
             # (B, 1024 + 1, 7, 7) -> (B, 512, 14, 14); no bias: BatchNorm adds its own shift
@@ -264,7 +267,8 @@ def parse_classes(text, at_least=2):
     classes = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in classes if c not in KNOWN_CLASSES]
     if unknown:
-        raise UserError(f"unknown class {unknown[0]!r} in --classes — choose from {','.join(KNOWN_CLASSES)}")
+        raise UserError(f"unknown class {unknown[0]!r} in --classes — choose from "
+                        f"{','.join(KNOWN_CLASSES)}")
     duplicated = sorted({c for c in classes if classes.count(c) > 1})
     if duplicated:
         raise UserError(f"class {duplicated[0]!r} appears twice in --classes — list each class once")
@@ -395,7 +399,8 @@ def balanced_order(labels, n_classes, steps, batch_size, seed, epoch):
     counts = torch.bincount(labels, minlength=n_classes).double()
     weights = 1.0 / counts[labels]
     g = torch.Generator().manual_seed(seed * SEED_STRIDE + epoch)
-    return torch.multinomial(weights, steps * batch_size, replacement=True, generator=g).view(steps, batch_size)
+    order = torch.multinomial(weights, steps * batch_size, replacement=True, generator=g)
+    return order.view(steps, batch_size)
 
 
 class RealData:
@@ -413,7 +418,7 @@ class RealData:
         self.steps_per_epoch = max(1, len(self.paths) // args.batch_size)
         if args.fast:
             images = preload(self.paths, args.size, args.workers)
-            if device.type == "cuda":   # on the GPU when it fits (with room to spare), else pinned host memory
+            if device.type == "cuda":   # on the GPU when it fits with room to spare, else pinned memory
                 fits = images.numel() * 4 < torch.cuda.mem_get_info(device)[0]
                 images = images.to(device) if fits else images.pin_memory()
             self.images = images
@@ -435,14 +440,14 @@ class RealData:
         n_steps = self.steps_per_epoch - skip
         if a.random_data:
             for _ in range(n_steps):
-                yield (torch.randint(0, 256, (a.batch_size, 1, a.size, a.size), dtype=torch.uint8, device=dev),
+                shape = (a.batch_size, 1, a.size, a.size)
+                yield (torch.randint(0, 256, shape, dtype=torch.uint8, device=dev),
                        torch.randint(self.n_classes, (a.batch_size,), device=dev))
             return
         order = balanced_order(self.labels, self.n_classes, self.steps_per_epoch, a.batch_size,
                                a.seed, epoch)[skip:]
         if self.images is not None:
-            for idx in order:
-                idx = idx.to(self.images.device)
+            for idx in order.to(self.images.device):        # one small copy per epoch, not per step
                 yield self.images[idx].to(dev, non_blocking=True), self.labels_on_device[idx].to(dev)
             return
         # a private generator: the DataLoader must not draw its seed from the training RNG
@@ -498,7 +503,7 @@ def train_step(G, D, opt_g, opt_d, scaler, autocast, x_real, y_real, n_classes, 
     device tensors (no host sync here; the loop reads them only at log steps)."""
     b = x_real.size(0)
     z = torch.randn(b, latent_dim, device=x_real.device)                 # z ~ N(0, 1) (paper 3.3)
-    y_fake = torch.randint(n_classes, (b,), device=x_real.device)        # uniform, like the balanced real batches
+    y_fake = torch.randint(n_classes, (b,), device=x_real.device)        # uniform, as the real batches
 
     # Discriminator: maximise the log-likelihood of the right source and class, real and fake
     with autocast:
@@ -518,7 +523,7 @@ def train_step(G, D, opt_g, opt_d, scaler, autocast, x_real, y_real, n_classes, 
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss_g).backward()
     scaler.step(opt_g)
-    scaler.update()                                                      # one GradScaler, updated once per step
+    scaler.update()                                                      # one GradScaler, one update
     D.requires_grad_(True)
 
     src_real, src_fake = src_real.detach().float(), src_fake.detach().float()
@@ -559,7 +564,7 @@ def save_sample_grid(G, z, y, path):
     G.train(was_training)
     grid = make_grid(images, nrow=SAMPLES_PER_CLASS, padding=2, normalize=True, value_range=(-1, 1))
     if images.size(1) == 1:
-        grid = grid[:1]                                                  # make_grid repeats 1 channel to 3; keep 1
+        grid = grid[:1]                                  # make_grid repeats 1 channel to 3; keep 1
     array = (grid * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).squeeze(2).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
@@ -606,9 +611,33 @@ def build_evaluators(data, classes, args, device):
 
 
 def make_optimizer(name, params, lr, fused):
-    if name == "rmsprop":   # paper 3.4
+    """RMSprop as the paper (3.4), or Adam; fused Adam on CUDA with --fast, foreach otherwise."""
+    if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, alpha=RMSPROP_ALPHA, eps=RMSPROP_EPS, foreach=True)
-    return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, **({"fused": True} if fused else {"foreach": True}))
+    kernel = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, **kernel)
+
+
+def epoch_accuracies(step, steps_per_epoch, epoch_sums):
+    """The epoch's counts -> the discriminator's accuracies (a row of epochs.csv).
+    d_acc_real/fake: source head right on real/fake; cls_acc_real/fake: class head right."""
+    n, src_real, src_fake, cls_real, cls_fake = epoch_sums.tolist()
+    return {"step": step, "epoch": step // steps_per_epoch,
+            "d_acc_real": round(src_real / n, 4), "d_acc_fake": round(src_fake / n, 4),
+            "cls_acc_real": round(cls_real / n, 4), "cls_acc_fake": round(cls_fake / n, 4),
+            "n_images": int(n)}
+
+
+def write_config(out, args, device, data):
+    """config.json: every flag, the versions, the device and what the data looked like."""
+    config = {**vars(args), "model": MODEL_NAME, "device_name": device_name(device),
+              "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+              "python": platform.python_version(),
+              "class_counts": dict(zip(args.classes, data.counts)),
+              "steps_per_epoch": data.steps_per_epoch,
+              "imbalance": "balanced sampling of real batches; fake labels uniform",
+              "resize": "PIL LANCZOS when a PNG is not --size"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def train(args, device):
@@ -667,25 +696,20 @@ def train(args, device):
         print(f"resumed from {path} at step {step}")
 
     out.mkdir(parents=True, exist_ok=True)
-    config = {**vars(args), "model": MODEL_NAME, "device_name": device_name(device),
-              "torch": torch.__version__, "torchvision": torchvision.__version__,
-              "python": platform.python_version(), "class_counts": dict(zip(classes, data.counts)),
-              "steps_per_epoch": steps_per_epoch,
-              "imbalance": "balanced sampling of real batches; fake labels uniform",
-              "resize": "PIL LANCZOS when a PNG is not --size"}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    n_params = sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())
-    source = "random tensors (--random-data)" if args.random_data else f"{dict(zip(classes, data.counts))} images"
-    print(f"classes: {source}, balanced sampling; {steps_per_epoch} steps/epoch, "
-          f"{total_steps} steps, G {n_params[0] / 1e6:.1f}M / D {n_params[1] / 1e6:.2f}M parameters")
+    write_config(out, args, device, data)
+    n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (G, D))
+    source = "random tensors" if args.random_data else f"{dict(zip(classes, data.counts))} images"
+    print(f"classes: {source}, balanced sampling; {steps_per_epoch} steps/epoch, {total_steps} steps, "
+          f"G {n_g / 1e6:.1f}M / D {n_d / 1e6:.2f}M parameters")
 
     fixed_z, fixed_y = fixed_sample_inputs(n_classes, args.latent_dim, args.seed, device)
-    finite = torch.ones((), dtype=torch.bool, device=device)    # stays True while every loss is finite
-    last_saved = None                                            # the last good checkpoint, for the NaN message
+    finite = torch.ones((), dtype=torch.bool, device=device)  # stays True while every loss is finite
+    last_saved = None                                          # last good checkpoint, for the NaN message
 
     def state():
-        s = {"model": MODEL_NAME, "step": step, "epoch": step // steps_per_epoch, "args": vars(args), "classes": classes,
-             "generator": G.state_dict(), "discriminator": D.state_dict(),
+        """Everything an exact resume needs, as plain types and tensors."""
+        s = {"model": MODEL_NAME, "step": step, "epoch": step // steps_per_epoch, "args": vars(args),
+             "classes": classes, "generator": G.state_dict(), "discriminator": D.state_dict(),
              "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
              "epoch_sums": epoch_sums.cpu(), "rng_cpu": torch.get_rng_state(),
              "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}}
@@ -695,7 +719,8 @@ def train(args, device):
 
     def check_finite(first_step):
         # one host sync, only at log steps and before saves; a NaN dates from the last check
-        params_ok = torch.stack([torch.isfinite(p).all() for p in (*G.parameters(), *D.parameters())]).all()
+        weights = (*G.parameters(), *D.parameters())
+        params_ok = torch.stack([torch.isfinite(p).all() for p in weights]).all()
         if not bool(finite & params_ok):
             where = last_saved if last_saved else "none (no checkpoint was written yet)"
             raise NonFiniteLossError(
@@ -741,28 +766,26 @@ def train(args, device):
                            **{k: round(sums[k].item() / n_since_log, 5) for k in LOSS_KEYS},
                            "ms_per_step": round(ms, 2)}
                     write_csv_row(out / "log.csv", row)
-                    print(f"step {step}/{total_steps} epoch {row['epoch']:.2f}  loss_d {row['loss_d']:.3f} "
-                          f"loss_g {row['loss_g']:.3f}  D(x) {row['d_x']:.3f} D(G(z)) {row['d_g_z']:.3f}  "
-                          f"{ms:.1f} ms/step")
+                    print(f"step {step}/{total_steps} epoch {row['epoch']:.2f}  "
+                          f"loss_d {row['loss_d']:.3f} loss_g {row['loss_g']:.3f}  "
+                          f"D(x) {row['d_x']:.3f} D(G(z)) {row['d_g_z']:.3f}  {ms:.1f} ms/step")
                     sums = {k: torch.zeros((), device=device) for k in LOSS_KEYS}
                     n_since_log, t_log, t_excluded = 0, time.perf_counter(), 0.0
 
                 t_side = time.perf_counter()                # sampling/saving/eval time is not step time
                 if step % steps_per_epoch == 0:             # end of an epoch: the D's accuracies
-                    n, sr, sf, cr, cf = epoch_sums.tolist()
-                    erow = {"step": step, "epoch": step // steps_per_epoch, "d_acc_real": round(sr / n, 4),
-                            "d_acc_fake": round(sf / n, 4), "cls_acc_real": round(cr / n, 4),
-                            "cls_acc_fake": round(cf / n, 4), "n_images": int(n)}
-                    write_csv_row(out / "epochs.csv", erow)
-                    print(f"epoch {erow['epoch']}: D real/fake accuracy {erow['d_acc_real']:.3f} / "
-                          f"{erow['d_acc_fake']:.3f}, class accuracy on real {erow['cls_acc_real']:.3f}, "
-                          f"on fake {erow['cls_acc_fake']:.3f}")
+                    e = epoch_accuracies(step, steps_per_epoch, epoch_sums)
+                    write_csv_row(out / "epochs.csv", e)
+                    print(f"epoch {e['epoch']}: D real/fake accuracy {e['d_acc_real']:.3f} / "
+                          f"{e['d_acc_fake']:.3f}, class accuracy on real {e['cls_acc_real']:.3f}, "
+                          f"on fake {e['cls_acc_fake']:.3f}")
                     epoch_sums.zero_()
                 if step % args.sample_every == 0 or done:
                     save_sample_grid(G, fixed_z, fixed_y, out / "samples" / f"step_{step:06d}.png")
                 if args.eval_every and (step % args.eval_every == 0 or done):
                     for r in evaluate(G, evaluators, args, device):
-                        write_csv_row(out / "metrics.csv", {"step": step, "epoch": round(step / steps_per_epoch, 3), **r})
+                        write_csv_row(out / "metrics.csv",
+                                      {"step": step, "epoch": round(step / steps_per_epoch, 3), **r})
                         print(f"eval step {step} {r['class']}: FID {r['fid']:.2f} IS {r['is_mean']:.3f} "
                               f"KID {r['kid_mean']:.4f} (N real {r['n_real']}, fake {r['n_fake']})")
                 if step % args.save_every == 0:
@@ -799,7 +822,8 @@ def generate(args, device):
     noise = torch.Generator(device=device).manual_seed(args.seed)
     out = Path(args.out)
     for name in wanted:
-        images = generate_images(G, trained.index(name), args.generate, saved["latent_dim"], noise, args.batch_size)
+        images = generate_images(G, trained.index(name), args.generate, saved["latent_dim"], noise,
+                                 args.batch_size)
         if images.size(1) == 3:              # --channels 3 models repeat one channel: save it once
             images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -828,7 +852,8 @@ def parse_args(argv=None):
                    "with --generate, the image folder")
     p.add_argument("--classes", default=None, help=f"comma-separated classes (default {DEFAULT_CLASSES}; "
                    f"any of {','.join(KNOWN_CLASSES)}); with --generate, a subset of the checkpoint's")
-    p.add_argument("--size", type=int, default=112, help=f"image size, one of {SUPPORTED_SIZES} (paper: 112)")
+    p.add_argument("--size", type=int, default=112,
+                   help=f"image size, one of {SUPPORTED_SIZES} (paper: 112)")
     p.add_argument("--channels", type=int, default=1, help="1 (grayscale) or 3 (the gray channel repeated)")
     p.add_argument("--latent-dim", type=int, default=LATENT_DIM, help="length of the noise vector z")
     p.add_argument("--g-channels", type=int, default=G_CHANNELS,
@@ -843,21 +868,25 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per batch (paper: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, noise and data order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=4, help="threads decoding PNGs at preload / DataLoader workers")
+    p.add_argument("--workers", type=int, default=4,
+                   help="threads decoding PNGs at preload; DataLoader workers with --no-fast")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="speed features (preloaded uint8 data, channels_last, autocast, fused Adam on CUDA); "
-                   "--no-fast: plain fp32 with PNGs decoded from disk each epoch")
+                   help="speed features (preloaded uint8 data; on CUDA channels_last, autocast, "
+                   "fused Adam); --no-fast: plain fp32 with PNGs decoded from disk each epoch")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="autocast on CUDA with --fast (bf16 if supported, else fp16 + GradScaler)")
     p.add_argument("--compile", action="store_true", help="torch.compile the two networks")
     p.add_argument("--random-data", action="store_true",
                    help="train on random tensors instead of images (benchmarking the input pipeline only)")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log.csv rows")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log.csv rows (each the mean over those steps)")
     p.add_argument("--sample-every", type=int, default=500, help="steps between sample grids")
     p.add_argument("--save-every", type=int, default=1000, help="steps between step_NNNNNN.pt checkpoints")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between FID/IS/KID evaluations (0: off)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="steps between FID/IS/KID evaluations per class (0: off)")
     p.add_argument("--eval-n", type=int, default=2048, help="generated images per class per evaluation")
-    p.add_argument("--fid-weights", default=None, help="local FID Inception weights (pt_inception-2015-12-05)")
+    p.add_argument("--fid-weights", default=None,
+                   help="local FID Inception weights (pt_inception-2015-12-05); without it metrics.py "
+                   "downloads them")
     p.add_argument("--resume", nargs="?", const="", default=None,
                    help="resume from PATH, or with no value from <out>/checkpoints/last.pt")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this global step (0: no limit)")
@@ -870,8 +899,9 @@ def parse_args(argv=None):
 def check_args(args):
     """Flag values and combinations argparse cannot check; fills in the derived defaults."""
     if args.size not in SUPPORTED_SIZES:
-        raise UserError(f"unsupported --size {args.size} — use one of {', '.join(map(str, SUPPORTED_SIZES))} "
-                        f"(the generator starts from a size/16 map and upsamples 4 times)")
+        sizes = ", ".join(map(str, SUPPORTED_SIZES))
+        raise UserError(f"unsupported --size {args.size} — use one of {sizes} (the generator "
+                        f"starts from a size/16 map and upsamples 4 times)")
     if args.channels not in (1, 3):
         raise UserError(f"unsupported --channels {args.channels} — use 1 or 3")
     if args.generate:
@@ -886,7 +916,8 @@ def check_args(args):
         raise UserError("--ckpt is only for --generate — to continue training use --resume PATH")
     args.classes = parse_classes(args.classes or DEFAULT_CLASSES)
     if args.g_channels < 8 or args.g_channels % 8:
-        raise UserError(f"--g-channels {args.g_channels} must be a multiple of 8 — it is halved three times")
+        raise UserError(f"--g-channels {args.g_channels} is not a multiple of 8 — it is halved three "
+                        f"times (use e.g. 128, 256 or 1024)")
     for flag in ("epochs", "batch_size", "log_every", "sample_every", "save_every", "d_channels",
                  "latent_dim", "eval_n"):
         if getattr(args, flag) < 1:
