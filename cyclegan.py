@@ -848,6 +848,9 @@ def make_evaluator(args, device):
     test_data = Path(args.test_data) if args.test_data else Path(args.data).parent / "test"
     real = load_images(class_images(args.data, args.dst), args.size, args.workers)        # (N, 1, S, S)
     src_test = load_images(class_images(test_data, args.src, "--test-data"), args.size, args.workers)
+    if min(len(real), len(src_test)) < 2:
+        raise UserError(f"--eval-every needs at least 2 real {args.dst} and 2 test {args.src} images, "
+                        f"found {len(real)} and {len(src_test)} — add images or leave out --eval-every")
     try:
         evaluator = metrics.Evaluator(real, weights=args.fid_weights, device=str(device))
     except metrics.WeightsError as e:
@@ -855,6 +858,30 @@ def make_evaluator(args, device):
     print(f"evaluation: G_src2dst({len(src_test)} {args.src} images of {test_data}) against "
           f"{len(real)} real {args.dst} images of {args.data}, every {args.eval_every} epochs")
     return evaluator, src_test
+
+
+def save_samples(model, fixed_src, fixed_dst, device, path):
+    """The sample grid from the fixed inputs, in eval mode without autograd. Columns are images;
+    rows: src | G_src2dst(src) | G_dst2src(G_src2dst(src)) | dst | G_dst2src(dst) | G_src2dst(G_dst2src(dst)).
+    The third and sixth rows should look like the first and fourth: the cycle (Eq. 2)."""
+    G_src2dst, G_dst2src = model.G_src2dst, model.G_dst2src
+    with eval_mode(G_src2dst, G_dst2src):
+        fake_dst = translate_images(G_src2dst, fixed_src, device)
+        fake_src = translate_images(G_dst2src, fixed_dst, device)
+        rows = [fixed_src.expand_as(fake_dst), fake_dst, translate_images(G_dst2src, fake_dst, device),
+                fixed_dst.expand_as(fake_src), fake_src, translate_images(G_src2dst, fake_src, device)]
+    save_grid(torch.cat(rows), path, nrow=len(fixed_src))
+
+
+def evaluate(model, evaluator, src_test, device, metrics_log, step, epoch, checkpoint_path):
+    """FID, IS and KID of G_src2dst(src test images) against the real dst images (the papers'
+    Table I), one row of metrics.csv. The RNG is forked, so evaluating does not change training."""
+    with eval_mode(model.G_src2dst), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        scores = evaluator.score(translate_images(model.G_src2dst, src_test, device))
+    metrics_log.writerow({"step": step, "epoch": epoch, "checkpoint": checkpoint_path, **scores})
+    print(f"epoch {epoch}: FID {scores['fid']:.2f}, IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f}, "
+          f"KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f} (N fake {scores['n_fake']}, "
+          f"N real {scores['n_real']}, {scores['network']})")
 
 
 def train(args):
@@ -987,7 +1014,6 @@ def train(args):
                 s.sched_D.step()
                 if evaluator and (epochs_done % args.eval_every == 0 or epochs_done == args.epochs):
                     with timer.paused():
-                        monitor.check(s.step, last_good)
                         save(last_path, step_path())   # the evaluated model, to --translate later
                         evaluate(s.model, evaluator, eval_src, device, metrics_log, s.step, epochs_done,
                                  step_path())
@@ -1027,30 +1053,6 @@ def train(args):
             metrics_file.close()
     print(f"done: step {s.step}, checkpoint {last_path}, samples in {out / 'samples'}")
     return 0
-
-
-def save_samples(model, fixed_src, fixed_dst, device, path):
-    """The sample grid from the fixed inputs, in eval mode without autograd. Columns are images;
-    rows: src | G_src2dst(src) | G_dst2src(G_src2dst(src)) | dst | G_dst2src(dst) | G_src2dst(G_dst2src(dst)).
-    The third and sixth rows should look like the first and fourth: the cycle (Eq. 2)."""
-    G_src2dst, G_dst2src = model.G_src2dst, model.G_dst2src
-    with eval_mode(G_src2dst, G_dst2src):
-        fake_dst = translate_images(G_src2dst, fixed_src, device)
-        fake_src = translate_images(G_dst2src, fixed_dst, device)
-        rows = [fixed_src.expand_as(fake_dst), fake_dst, translate_images(G_dst2src, fake_dst, device),
-                fixed_dst.expand_as(fake_src), fake_src, translate_images(G_src2dst, fake_src, device)]
-    save_grid(torch.cat(rows), path, nrow=len(fixed_src))
-
-
-def evaluate(model, evaluator, src_test, device, metrics_log, step, epoch, checkpoint_path):
-    """FID, IS and KID of G_src2dst(src test images) against the real dst images (the papers'
-    Table I), one row of metrics.csv. The RNG is forked, so evaluating does not change training."""
-    with eval_mode(model.G_src2dst), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        scores = evaluator.score(translate_images(model.G_src2dst, src_test, device))
-    metrics_log.writerow({"step": step, "epoch": epoch, "checkpoint": checkpoint_path, **scores})
-    print(f"epoch {epoch}: FID {scores['fid']:.2f}, IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f}, "
-          f"KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f} (N fake {scores['n_fake']}, "
-          f"N real {scores['n_real']}, {scores['network']})")
 
 
 # ===================================================================================================

@@ -470,3 +470,62 @@ def test_command_line_error_in_a_subprocess():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --src and --dst are both normal — translate between two different classes"]
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+# metrics.py with a random-weights Inception: the numbers mean nothing, the path is what is tested.
+# One score() costs tens of seconds on a busy 2-core CPU (mostly FID's 2048 x 2048 matrix square
+# root, whatever N), so the real path is scored once; which epochs are evaluated is tested with
+# evaluate() recorded instead.
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    import metrics
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.save(metrics.FIDInceptionV3().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synth6(tmp_path_factory):
+    """6 train and 2 test images per class: the fewest metrics.py can score (N >= 2)."""
+    out = tmp_path_factory.mktemp("synth6")
+    prep.make_synthetic(out, n=6, size=32, seed=0)
+    return out
+
+
+def test_eval_every_writes_metrics_csv(synth6, tmp_path, fid_weights):
+    out = tmp_path / "eval"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                         # metrics.py: N < 2048
+        cyclegan.main(train_args(synth6, out, "--batch-size", "3", "--epochs", "1", "--decay-epochs", "0",
+                                 "--eval-every", "1", "--fid-weights", str(fid_weights)))
+    rows = read_csv(out / "metrics.csv")
+    assert [(int(r["step"]), int(r["epoch"])) for r in rows] == [(2, 1)]          # 6 images / 3
+    row = rows[0]
+    assert int(row["n_fake"]) == 2 and int(row["n_real"]) == 6                   # test normal, train viral
+    assert row["network"] == "pt_inception-2015-12-05"
+    assert all(math.isfinite(float(row[k])) for k in ("fid", "is_mean", "is_std", "kid_mean", "kid_std"))
+    assert Path(row["checkpoint"]).is_file()                                      # the scored model is kept
+
+
+def test_eval_runs_every_e_epochs_and_after_the_last(synth, tmp_path, monkeypatch):
+    scored = []
+    monkeypatch.setattr(cyclegan, "make_evaluator", lambda args, device: ("evaluator", None))
+    monkeypatch.setattr(cyclegan, "evaluate", lambda model, ev, src, device, log, step, epoch, ckpt:
+                        scored.append((epoch, step, Path(ckpt).is_file())))
+    cyclegan.main(train_args(synth, tmp_path / "e", "--batch-size", "4", "--epochs", "5",
+                             "--decay-epochs", "2", "--eval-every", "2"))
+    assert scored == [(2, 2, True), (4, 4, True), (5, 5, True)]          # one step per epoch
+
+
+def test_eval_every_fails_before_training(synth6, synth, tmp_path, capsys):
+    out = tmp_path / "noweights"
+    with pytest.raises(SystemExit) as e:
+        cyclegan.main(train_args(synth6, out, "--eval-every", "1", "--fid-weights", str(tmp_path / "none.pth")))
+    assert_one_line_error(capsys, 2, e, "none.pth")
+    assert not (out / "checkpoints").exists() and not (out / "log.csv").exists()
+    # n=4 gives one test image per class: too few to score, said up front.
+    with pytest.raises(SystemExit) as e:
+        cyclegan.main(train_args(synth, out, "--eval-every", "1", "--fid-weights", "unused.pth"))
+    assert_one_line_error(capsys, 2, e, "at least 2")
