@@ -489,6 +489,9 @@ def pick_device(name):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name} but CUDA is not available — use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: there are {torch.cuda.device_count()} GPUs — "
+                            "use cuda:0 or auto")
         print(f"device: cuda ({torch.cuda.get_device_name(device)})")
     else:
         print(f"device: {device.type}")
@@ -577,6 +580,28 @@ def sample(netG, z):
     return images
 
 
+def evaluate(netG, evaluator, args, device):
+    """FID, IS and KID of --eval-n samples against the real images (metrics.py); prints them.
+    The z are the same at every evaluation (seed + EVAL_SEED_OFFSET), so scores compare."""
+    fakes = torch.cat([sample(netG, z.to(device)) for z in noise_batches(
+        args.eval_n, NZ, args.noise, args.seed + EVAL_SEED_OFFSET, args.batch_size)])
+    s = evaluator.score(fakes)
+    print(f"eval: FID {s['fid']:.2f}  IS {s['is_mean']:.3f} ± {s['is_std']:.3f}  KID "
+          f"{s['kid_mean']:.4f} ± {s['kid_std']:.4f}  (N real {s['n_real']}, N fake "
+          f"{s['n_fake']}, {s['network']})")
+    return s
+
+
+def non_finite_error(step, last_check, last_ckpt):
+    """The NaN/inf message. The flag is only looked at every few steps, so all we know is that
+    the first bad loss came after the last check."""
+    where = (f"the last good checkpoint is {last_ckpt}" if last_ckpt.exists()
+             else "no checkpoint was saved before it")
+    return NonFiniteLoss(f"non-finite loss at step {step} (first seen at this check, so after "
+                         f"step {last_check}) — lower --lr, try --no-amp or --label-smoothing "
+                         f"0.1; {where}")
+
+
 def train(args, argv):
     """Train one class; write the run folder. Returns normally at the end, raises SystemExit(130)
     on Ctrl-C (after saving checkpoints/last.pt) and NonFiniteLoss on a NaN/inf loss."""
@@ -608,8 +633,8 @@ def train(args, argv):
     image_shape = (args.channels, args.size, args.size)
     real_uint8 = None
     if args.random_data:
-        source = BatchSource("random", max(RANDOM_DATA_IMAGES, args.batch_size), args.batch_size, args.seed, device,
-                             image_shape=image_shape)
+        source = BatchSource("random", max(RANDOM_DATA_IMAGES, args.batch_size), args.batch_size,
+                             args.seed, device, image_shape=image_shape)
     else:
         paths = class_paths(args.data, args.cls)
         if len(paths) < args.batch_size:
@@ -682,56 +707,30 @@ def train(args, argv):
 
     # Fixed noise for the sample grids: every grid shows the same GRID * GRID z.
     fixed_z = next(noise_batches(GRID * GRID, NZ, args.noise, args.seed, GRID * GRID)).to(device)
-
-    def save_samples():
-        save_png(sample_dir / f"step_{step:06d}.png", image_grid(sample(netG, fixed_z), GRID))
-
-    def evaluate():
-        fakes = torch.cat([sample(netG, z.to(device)) for z in noise_batches(
-            args.eval_n, NZ, args.noise, args.seed + EVAL_SEED_OFFSET, args.batch_size)])
-        scores = evaluator.score(fakes)
-        append_csv(metrics_csv, {"step": step, "epoch": epoch + 1, **scores})
-        print(f"eval step {step}: FID {scores['fid']:.2f}  IS {scores['is_mean']:.3f} "
-              f"± {scores['is_std']:.3f}  KID {scores['kid_mean']:.4f} ± {scores['kid_std']:.4f}"
-              f"  (N real {scores['n_real']}, N fake {scores['n_fake']}, {scores['network']})")
-
-    def save():
-        if not bool(all_finite):  # never write a checkpoint from non-finite state
-            raise_non_finite()
-        names = ["last.pt"] + ([f"step_{step:06d}.pt"] if step % args.save_every == 0 else [])
-        for name in names:
-            save_checkpoint(ckpt_dir / name, netG, netD, optG, optD, scaler, step, epoch,
-                            args, device)
-        draw_loss_curve(log_csv, out / "loss_curve.png")
-
-    def raise_non_finite():
-        last = ckpt_dir / "last.pt"
-        where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
-        raise NonFiniteLoss(f"non-finite loss at step {step} (first seen at this check, so "
-                            f"after step {last_check}) — lower --lr, try --no-amp or "
-                            f"--label-smoothing 0.1; {where}")
+    if step == 0:  # step_000000.png: what the untrained generator draws
+        save_png(sample_dir / "step_000000.png", image_grid(sample(netG, fixed_z), GRID))
 
     # Ctrl-C sets a flag; the loop stops after the current step and saves (conventions).
     interrupted = threading.Event()
     on_main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.set()) if on_main_thread else None
+    if on_main_thread:
+        old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
 
-    real_target = 1.0 - args.label_smoothing
-    all_finite = torch.ones((), dtype=torch.bool, device=device)
-    window = torch.zeros(len(STAT_NAMES), device=device)  # sums since the last log row
-    window_steps, last_check, epoch = 0, step, step // iters
-    if step == 0:
-        save_samples()  # step_000000.png: what the untrained generator draws
+    real_target = 1.0 - args.label_smoothing  # one-sided label smoothing (0 by default)
+    all_finite = torch.ones((), dtype=torch.bool, device=device)  # all losses finite so far?
+    last_check = step  # the last step at which all_finite was looked at (and was true)
+    window = torch.zeros(len(STAT_NAMES), device=device)  # sums of the stats since the last log
+    window_steps = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t_window, t_other = time.perf_counter(), 0.0  # t_other: time in samples/eval/saving
+    t_window, t_other = time.perf_counter(), 0.0  # t_other: time spent on samples/eval/saving
     try:
         while step < total_steps:
             epoch = step // iters
             for real_uint8_batch in source.epoch(epoch, skip=step % iters):
-                real = to_model_range(real_uint8_batch)
+                real = to_model_range(real_uint8_batch)  # (B, C, S, S) in [-1, 1]
                 if channels_last:
                     real = real.contiguous(memory_format=torch.channels_last)
-                z = sample_noise(real.shape[0], NZ, args.noise, device=device)
+                z = sample_noise(real.shape[0], NZ, args.noise, device=device)  # (B, nz, 1, 1)
                 stats = train_step(stepG, stepD, optG, optD, scaler, real, z, real_target, amp)
                 step += 1
                 window += stats
@@ -739,14 +738,14 @@ def train(args, argv):
                 all_finite &= torch.isfinite(stats).all()  # on the device: no sync per step
                 last_step = step == total_steps or interrupted.is_set()
 
-                if step % args.log_every == 0 or last_step:
+                if step % args.log_every == 0 or last_step:  # the only per-log host sync
                     sync()
                     ms = 1000 * (time.perf_counter() - t_window - t_other) / window_steps
                     if not bool(all_finite):
-                        raise_non_finite()
+                        raise non_finite_error(step, last_check, ckpt_dir / "last.pt")
                     last_check = step
                     means = dict(zip(STAT_NAMES, (window / window_steps).tolist()))
-                    i = (step - 1) % iters
+                    i = (step - 1) % iters  # as the paper's log: epoch from 1, batch from 0
                     print(f"[{epoch + 1}/{args.epochs}][{i}/{iters}] "
                           f"Loss_D: {means['loss_d']:.4f} Loss_G: {means['loss_g']:.4f} "
                           f"D(x): {means['d_x']:.4f} D(G(z)): {means['d_g_z1']:.4f} / "
@@ -760,24 +759,32 @@ def train(args, argv):
                 do_sample = args.sample_every > 0 and step % args.sample_every == 0
                 do_eval = evaluator is not None and step % args.eval_every == 0
                 do_save = step % args.save_every == 0 or last_step
-                if do_sample or do_eval or do_save:  # kept out of ms/step (synced only here)
+                if do_sample or do_eval or do_save:  # timed apart, so ms/step is training only
                     sync()
                     t0 = time.perf_counter()
                     if do_sample:
-                        save_samples()
+                        grid = image_grid(sample(netG, fixed_z), GRID)
+                        save_png(sample_dir / f"step_{step:06d}.png", grid)
                     if do_eval:
-                        evaluate()
+                        scores = evaluate(netG, evaluator, args, device)
+                        append_csv(metrics_csv, {"step": step, "epoch": epoch + 1, **scores})
                     if do_save:
-                        save()
+                        if not bool(all_finite):  # never write a checkpoint from non-finite state
+                            raise non_finite_error(step, last_check, ckpt_dir / "last.pt")
                         last_check = step
+                        names = ["last.pt"] + ([f"step_{step:06d}.pt"]
+                                               if step % args.save_every == 0 else [])
+                        for name in names:
+                            save_checkpoint(ckpt_dir / name, netG, netD, optG, optD, scaler,
+                                            step, epoch, args, device)
+                        draw_loss_curve(log_csv, out / "loss_curve.png")
                     sync()
                     t_other += time.perf_counter() - t0
 
                 if interrupted.is_set():
-                    hint = "python dcgan.py " + shlex.join(
-                        argv + ([] if args.resume is not None else ["--resume"]))
+                    again = argv + ([] if args.resume is not None else ["--resume"])
                     print(f"interrupted at step {step}; saved {ckpt_dir / 'last.pt'}. "
-                          f"Resume with: {hint}")
+                          f"Resume with: python dcgan.py {shlex.join(again)}")
                     raise SystemExit(130)
                 if step == total_steps:
                     break
@@ -832,7 +839,9 @@ def parse_args(argv):
     p.add_argument("--size", type=int, choices=SIZES,
                    help=f"image side in px (training default {DEFAULT_SIZE}; --generate uses "
                         "the checkpoint's)")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="1 (default) or 3 (repeated gray)")
+    p.add_argument("--channels", type=int, choices=(1, 3),
+                   help="1 or 3 (the gray channel repeated); training default 1, --generate "
+                        "uses the checkpoint's")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs in all, across resumes")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per step")
     p.add_argument("--lr", type=float, default=LR, help="Adam learning rate of G and D")
