@@ -41,8 +41,9 @@ Decisions a reader should know (README "classify.py" says the same):
 - A metric whose denominator is 0 (precision of a class that is never predicted, recall of a
   class absent from the evaluation set) is 0, as scikit-learn's zero_division=0: a classifier
   that never predicts a class gets no credit for it, and macro averages stay finite.
-- No model selection on the test set: every run trains for --epochs and the final weights are
-  evaluated once.
+- No model selection on the test set: every run trains for --epochs (but at least --min-steps
+  optimizer steps, so that a 60-image training set is not judged after a handful of updates) and
+  the final weights are evaluated once.
 - Images are read as 8-bit grayscale and resized to --size with LANCZOS when their size differs.
 """
 import argparse
@@ -378,10 +379,9 @@ def sort_classes(names):
     return sorted(names, key=lambda c: (CLASS_ORDER.index(c) if c in CLASS_ORDER else len(CLASS_ORDER), c))
 
 
-def list_images(folder, recursive=False):
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in Path(folder).glob(pattern)
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def list_images(folder):
+    """The image files directly inside folder, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def class_folders(split_dir, what):
@@ -584,7 +584,8 @@ def to_input(x_uint8, device):
 
 
 def train_model(model, train_set, n_classes, cfg, seed, device, log_path):
-    """Train for cfg.epochs (or cfg.max_steps) and return the model and the last step.
+    """Train for cfg.epochs, at least cfg.min_steps steps, at most cfg.max_steps; return
+    (model, steps, epochs, optimizer).
 
     Data order is a pure function of (seed, epoch), so a CPU run is repeatable bit for bit.
     """
@@ -592,7 +593,12 @@ def train_model(model, train_set, n_classes, cfg, seed, device, log_path):
     optimizer = make_optimizer(model, recipe, cfg.lr, device)
     n = len(train_set)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    # A small training set (--real-per-class 20: 60 images, one batch) would get only --epochs
+    # updates, and BatchNorm's running statistics would still be mostly their initial values:
+    # the model predicts one class, and "real+fake" wins for the wrong reason. So every run
+    # makes at least --min-steps updates, taking more epochs when it has fewer images.
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    total_steps = epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     # Cosine decay to 0 over the whole run (default recipe); the paper recipe keeps lr constant.
@@ -608,7 +614,7 @@ def train_model(model, train_set, n_classes, cfg, seed, device, log_path):
     with open(log_path, "w", newline="") as log_file:
         log = csv.writer(log_file)
         log.writerow(["epoch", "step", "loss", "train_accuracy", "lr", "seconds"])
-        for epoch in range(cfg.epochs):
+        for epoch in range(epochs):
             t0 = time.perf_counter()
             model.train()
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
@@ -650,11 +656,11 @@ def train_model(model, train_set, n_classes, cfg, seed, device, log_path):
             log.writerow([epoch + 1, step, f"{loss_mean:.5f}", f"{acc:.4f}", f"{lr_now:.3g}", f"{seconds:.2f}"])
             log_file.flush()
             if cfg.verbose:
-                print(f"  epoch {epoch + 1:>3}/{cfg.epochs}  loss {loss_mean:.4f}  "
+                print(f"  epoch {epoch + 1:>3}/{epochs}  loss {loss_mean:.4f}  "
                       f"train acc {acc:.3f}  ({seconds:.1f} s)")
             if cfg.max_steps and step >= cfg.max_steps:
                 break
-    return model, step, optimizer
+    return model, step, epoch + 1, optimizer
 
 
 @torch.inference_mode()
@@ -757,6 +763,8 @@ def check_train_args(args):
             raise UserError(f"--{flag} must be at least 1")
     if args.size < 16:
         raise UserError("--size must be at least 16 (the small CNN pools four times)")
+    if args.min_steps < 0 or args.max_steps < 0:
+        raise UserError("--min-steps and --max-steps must be 0 or more")
     for flag in ("real_per_class", "fake_per_class", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -814,8 +822,12 @@ def evaluation_splits(args, real, classes):
 
 
 def training_set(mode, real, real_idx, fake, args, seed, classes):
-    """The images one run trains on: the real part (this fold, subsampled) and/or the fakes."""
-    gen = torch.Generator().manual_seed(seed)  # which images a subsample keeps depends on the seed
+    """The images one run trains on: the real part (this fold, subsampled) and/or the fakes.
+
+    Which images a subsample keeps depends on the seed only, so for one seed "real" and
+    "real+fake" train on the same real images: the modes are compared on paired runs.
+    """
+    gen = torch.Generator().manual_seed(seed)
     parts = []
     if mode in ("real", "real+fake"):
         part = real.subset(real_idx)
@@ -835,12 +847,51 @@ def training_set(mode, real, real_idx, fake, args, seed, classes):
     return train
 
 
+def span(values):
+    """'12' when all values are 12, '12-40' otherwise (for table titles)."""
+    values = sorted(set(values))
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
 def write_predictions(path, eval_set, probs, classes):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "true", "predicted"] + [f"p_{c}" for c in classes])
         for p, y, pr in zip(eval_set.paths, eval_set.y.tolist(), probs):
             w.writerow([p, classes[y], classes[int(pr.argmax())]] + [f"{v:.6f}" for v in pr])
+
+
+def one_run(args, mode, name, seed, fold, train, eval_set, classes, config, device, run_dir):
+    """Train one model, score it on eval_set, and write model.pt, predictions.csv, confusion.png."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[{mode} {name}] training on {len(train)} images {train.counts(classes)}, "
+          f"evaluating on {len(eval_set)}")
+    torch.manual_seed(seed)                                         # weight init and dropout
+    model = build_model(args.arch, len(classes), args.pretrained).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    model, step, epochs, optimizer = train_model(model, train, len(classes), args, seed, device,
+                                                 run_dir / "log.csv")
+    seconds = time.perf_counter() - t0
+    probs = predict(model, eval_set.x, device)
+    cm = confusion_matrix(eval_set.y.numpy(), probs.argmax(1), len(classes))
+    m = metrics_from_confusion(cm, classes)
+    m.update(seed=seed, fold=fold, n_train=train.counts(classes), train_seconds=round(seconds, 2),
+             steps=step, epochs=epochs)
+    write_predictions(run_dir / "predictions.csv", eval_set, probs, classes)
+    save_confusion_png(cm, classes, run_dir / "confusion.png",
+                       f"{mode} {name}: accuracy {m['accuracy']:.3f}")
+    save_checkpoint(run_dir / "model.pt", {
+        "kind": CHECKPOINT_KIND, "arch": args.arch, "classes": classes, "size": args.size,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        "epoch": epochs, "mode": mode, "seed": seed, "fold": fold, "args": config,
+        # the judge's default baseline: the real test images this model was scored on
+        "test_dir": str(Path(args.test).resolve()) if args.test else None,
+        "metrics": {"accuracy": m["accuracy"], "macro": m["macro"]}})
+    print(f"[{mode} {name}] accuracy {m['accuracy']:.3f}, macro F1 {m['macro']['f1']:.3f} "
+          f"({epochs} epochs, {step} steps, {seconds:.1f} s, {seconds / epochs:.2f} s/epoch)")
+    return m
 
 
 def run_train(args):
@@ -880,44 +931,17 @@ def run_train(args):
                 eval_set = held_out if held_out is not None else test
                 train = training_set(mode, real, real_idx, fake, args, seed, classes)
                 name = f"seed{seed}" + (f"_fold{fold}" if fold else "")
-                run_dir = out / mode / name
-                run_dir.mkdir(parents=True, exist_ok=True)
-                print(f"[{mode} {name}] training on {len(train)} images {train.counts(classes)}, "
-                      f"evaluating on {len(eval_set)}")
-                torch.manual_seed(seed)                             # weight init and dropout
-                model = build_model(args.arch, len(classes), args.pretrained).to(device)
-                if device.type == "cuda":
-                    model = model.to(memory_format=torch.channels_last)
-                t_run = time.perf_counter()
-                model, step, optimizer = train_model(model, train, len(classes), args, seed, device,
-                                                     run_dir / "log.csv")
-                train_seconds = time.perf_counter() - t_run
-                probs = predict(model, eval_set.x, device)
-                cm = confusion_matrix(eval_set.y.numpy(), probs.argmax(1), len(classes))
-                m = metrics_from_confusion(cm, classes)
-                m.update(seed=seed, fold=fold, n_train=train.counts(classes),
-                         train_seconds=round(train_seconds, 2), steps=step)
-                runs.append(m)
-                write_predictions(run_dir / "predictions.csv", eval_set, probs, classes)
-                save_confusion_png(cm, classes, run_dir / "confusion.png",
-                                   f"{mode} {name}: accuracy {m['accuracy']:.3f}")
-                save_checkpoint(run_dir / "model.pt", {
-                    "kind": CHECKPOINT_KIND, "arch": args.arch, "classes": classes,
-                    "size": args.size, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "step": step, "epoch": args.epochs,
-                    "mode": mode, "seed": seed, "fold": fold, "args": config,
-                    "test_dir": str(Path(args.test).resolve()) if args.test else None,
-                    "metrics": {"accuracy": m["accuracy"], "macro": m["macro"]}})
-                print(f"[{mode} {name}] accuracy {m['accuracy']:.3f}, macro F1 "
-                      f"{m['macro']['f1']:.3f} ({train_seconds:.1f} s, "
-                      f"{train_seconds / args.epochs:.2f} s/epoch)")
+                runs.append(one_run(args, mode, name, seed, fold, train, eval_set, classes, config,
+                                    device, out / mode / name))
         agg = aggregate(runs, classes)
         aggs[mode] = agg
         what = (f"{args.folds} held-out folds of {args.real}" if args.folds
                 else f"{args.test} ({len(test)} images)")
         runs_text = (f"{len(seeds)} seed{'s' * (len(seeds) > 1)}"
-                     + (f" x {args.folds} folds" if args.folds else "") + f" = {len(runs)} runs")
-        title = (f"{mode}: {args.arch}, {args.epochs} epochs, {args.recipe} recipe"
+                     + (f" x {args.folds} folds" if args.folds else "")
+                     + f" = {len(runs)} run{'s' * (len(runs) > 1)}")
+        title = (f"{mode}: {args.arch}, {span(r['epochs'] for r in runs)} epochs "
+                 f"({span(r['steps'] for r in runs)} steps), {args.recipe} recipe"
                  f"{', --augment' if args.augment else ''}; {runs_text}; evaluated on {what}")
         texts.append(format_class_table(title, agg, classes))
         save_confusion_png(agg["confusion_sum"], classes, out / mode / "confusion.png",
@@ -1005,10 +1029,14 @@ def run_fid(args):
         if not Path(folder).is_dir():
             raise UserError(f"image folder {folder} does not exist — {MAKE_DATA_HINT}, or pass "
                             f"the folder written by --generate/--translate")
-        files = list_images(folder, recursive=True)
+        # Images directly in the folder (DCGAN / CycleGAN output, data/test/viral), else those
+        # one level down (data/test/<class>/, AC-GAN output). Not deeper: CycleGAN --grid puts
+        # its three-image panels in OUT/panels/, which are not samples.
+        files = list_images(folder) or sorted(p for sub in sorted(Path(folder).iterdir())
+                                              if sub.is_dir() for p in list_images(sub))
         if len(files) < 2:
-            raise UserError(f"{folder} holds {len(files)} images (searched recursively); a "
-                            f"covariance needs at least 2 — point at a folder with more images")
+            raise UserError(f"{folder} holds {len(files)} images (directly or in its subfolders); "
+                            f"a covariance needs at least 2 — point at a folder with more images")
         feats = extract_features(model, load_images(files, ckpt["size"], args.workers), device)
         stats.append((feats.mean(axis=0), np.cov(feats, rowvar=False)))
         counts.append(len(files))
@@ -1060,6 +1088,9 @@ def parse_args(argv=None):
                    help="ImageNet weights for resnet18/efficientnet_v2_s (downloads once)")
     t.add_argument("--size", type=int, default=64, help="images are resized to SIZE x SIZE")
     t.add_argument("--epochs", type=int, default=15, help="epochs per run (no early stopping)")
+    t.add_argument("--min-steps", type=int, default=150,
+                   help="but at least this many optimizer steps: small training sets get more "
+                        "epochs, so every training set gets a fair number of updates")
     t.add_argument("--recipe", choices=tuple(RECIPES), default="default",
                    help="default: AdamW lr 1e-3, wd 1e-4, batch 64, cosine decay; paper: SGD lr "
                         "0.01, Nesterov momentum 0.9, batch 256 (DCGAN paper 3.3.2)")
@@ -1101,8 +1132,8 @@ def parse_args(argv=None):
     f = sub.add_parser("fid", formatter_class=fmt,
                        help="Frechet distance in the classifier's penultimate features")
     f.add_argument("--ckpt", required=True, help="model.pt written by `classify.py train`")
-    f.add_argument("real_dir", metavar="REAL", help="folder of real images (searched recursively)")
-    f.add_argument("fake_dir", metavar="FAKE", help="folder of generated images (searched recursively)")
+    f.add_argument("real_dir", metavar="REAL", help="folder of real images: REAL/*.png, else REAL/*/*.png")
+    f.add_argument("fake_dir", metavar="FAKE", help="folder of generated images: FAKE/*.png, else FAKE/*/*.png")
     f.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     common(f)
     args = p.parse_args(argv)

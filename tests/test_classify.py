@@ -210,8 +210,8 @@ def trained(synth, tmp_path_factory):
     """One run of the default small CNN on the phantom set, batch 16 for enough steps."""
     out = tmp_path_factory.mktemp("trained")
     classify.main(["train", "--real", str(synth / "train"), "--test", str(synth / "test"),
-                   "--size", str(SIZE), "--epochs", str(TRAIN_EPOCHS), "--batch-size", "16",
-                   "--quiet", "--out", str(out)])
+                   "--size", str(SIZE), "--epochs", str(TRAIN_EPOCHS), "--min-steps", "0",
+                   "--batch-size", "16", "--quiet", "--out", str(out)])
     return out
 
 
@@ -232,6 +232,18 @@ def test_short_training_reaches_high_accuracy(trained, synth):
     assert ckpt["test_dir"] == str((synth / "test").resolve())
     table = (trained / "table.txt").read_text()
     assert "Sensitivity" in table and "Specificity" in table and "1 run" in table
+
+
+def test_small_training_sets_get_at_least_min_steps(synth, tmp_path, capsys):
+    # 2 images per class = one batch per epoch: --epochs 1 alone would be a single update
+    code, _, _ = run_main(train_args(synth, tmp_path, "--real-per-class", 2, "--min-steps", 5,
+                                     "--max-steps", 0), capsys)
+    assert code == 0
+    run = json.loads((tmp_path / "run" / "results.json").read_text())["modes"]["real"]["runs"][0]
+    assert run["n_train"] == {c: 2 for c in CLASSES}
+    assert (run["steps"], run["epochs"]) == (5, 5)
+    log = list(csv.DictReader(open(tmp_path / "run" / "real" / "seed0" / "log.csv")))
+    assert [int(r["step"]) for r in log] == [1, 2, 3, 4, 5]
 
 
 def test_training_is_deterministic_on_cpu(synth, tmp_path, capsys):
@@ -479,3 +491,4 @@ def test_non_finite_loss_stops_with_one_line_and_no_model(synth, tmp_path, capsy
     assert code == 1
     assert err.strip().startswith("error: non-finite loss") and err.strip().count("\n") == 0
     assert not (tmp_path / "run" / "real" / "seed0" / "model.pt").exists()
+
