@@ -378,7 +378,9 @@ def to_uint8(x):
 def to_pil(image):
     """(C, H, W) uint8 -> PIL image: one channel stays one channel ('L'), never forced to RGB."""
     array = image.cpu().numpy()
-    return Image.fromarray(array[0], "L") if len(array) == 1 else Image.fromarray(array.transpose(1, 2, 0), "RGB")
+    if len(array) == 1:
+        return Image.fromarray(array[0], "L")
+    return Image.fromarray(array.transpose(1, 2, 0), "RGB")
 
 
 @contextlib.contextmanager
@@ -457,7 +459,8 @@ def open_gray(path):
         with Image.open(path) as im:
             return im.convert("L")
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path} ({e}) — delete it or make the folder again with prep.py") from None
+        raise UserError(f"cannot read image {path} ({e}) — delete it, or make the folder again "
+                        f"with prep.py") from None
 
 
 def load_image(path, size):
@@ -1083,7 +1086,8 @@ def translate(args):
     if not paths:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {in_dir} — pass a folder of images")
     if out_dir.resolve() == in_dir.resolve():
-        raise UserError(f"--out {out_dir} is the input folder — pass another --out, the inputs would be overwritten")
+        raise UserError(f"--out {out_dir} is the input folder — pass another --out, or the inputs "
+                        f"would be overwritten")
     (out_dir / "panels" if args.grid else out_dir).mkdir(parents=True, exist_ok=True)
 
     size = saved["size"]
@@ -1091,8 +1095,8 @@ def translate(args):
         for first in range(0, len(paths), TRANSLATE_BATCH):
             chunk = paths[first:first + TRANSLATE_BATCH]
             originals = [open_gray(p) for p in chunk]                              # each at its own size
-            x = torch.stack([torch.from_numpy(np.array(im.resize((size, size), Image.Resampling.LANCZOS)))[None]
-                             for im in originals])                                 # (B, 1, S, S) uint8
+            resized = [im.resize((size, size), Image.Resampling.LANCZOS) for im in originals]
+            x = torch.stack([torch.from_numpy(np.array(im))[None] for im in resized])  # (B, 1, S, S) uint8
             fake = translate_images(forward, x, device)
             rec = translate_images(backward, fake, device) if args.grid else None
             for k, (path, original) in enumerate(zip(chunk, originals)):
@@ -1129,7 +1133,8 @@ def parse_args(argv=None):
     g.add_argument("--dst", choices=CLASSES, help="the class translated to (the paper's Y), e.g. viral")
     g.add_argument("--data", default="data/train", help="the training split folder, <data>/<class>/*.png")
     g.add_argument("--test-data", default=None,
-                   help="where --eval-every takes the src images to translate (default: <data>/../test)")
+                   help="where --eval-every takes the src images to translate; None: the sibling "
+                        "test split, <data>/../test")
     g.add_argument("--size", type=int, default=256, help=f"image side in pixels, one of {SUPPORTED_SIZES}")
     g.add_argument("--channels", type=int, choices=(1, 3), default=1,
                    help="1 for X-rays; 3 repeats the grey channel")
@@ -1146,7 +1151,8 @@ def parse_args(argv=None):
     g.add_argument("--ngf", type=int, default=64, help="generator width (channels of the first layer)")
     g.add_argument("--ndf", type=int, default=64, help="discriminator width (channels of the first layer)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=EPOCHS, help="epochs in all (an epoch: max(|src|, |dst|) images)")
+    g.add_argument("--epochs", type=int, default=EPOCHS,
+                   help="epochs in all (an epoch: max(|src|, |dst|) images)")
     g.add_argument("--decay-epochs", type=int, default=DECAY_EPOCHS,
                    help="the last epochs, over which the learning rate falls linearly to zero")
     g.add_argument("--batch-size", type=int, default=1, help="images per domain per step (Zhu et al.: 1)")
@@ -1162,14 +1168,16 @@ def parse_args(argv=None):
                    help="continue a run; without PATH from <out>/checkpoints/last.pt")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default=None,
-                   help="training: the run folder (default runs/cyclegan_<src>_<dst>_<size>); "
+                   help="training: the run folder (None: runs/cyclegan_<src>_<dst>_<size>); "
                         "--translate: the folder for the translated images")
     g.add_argument("--log-every", type=int, default=100, help="steps between rows of log.csv")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids")
     g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
     g.add_argument("--eval-every", type=int, default=0,
                    help="epochs between FID/IS/KID evaluations (the papers: 25; 0: none)")
-    g.add_argument("--fid-weights", default=None, help="local FID Inception weights file for --eval-every")
+    g.add_argument("--fid-weights", default=None,
+                   help="local FID Inception weights file for --eval-every; None: $FID_WEIGHTS or "
+                        "metrics.py's download")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
