@@ -221,9 +221,9 @@ def init_weights(module):
 # Odena et al. write the two log-likelihoods
 #     L_S = E[log P(S=real | X_real)] + E[log P(S=fake | X_fake)]     (right source)
 #     L_C = E[log P(C=c | X_real)]    + E[log P(C=c | X_fake)]        (right class)
-# D maximises L_S + L_C. G maximises L_C - L_S; like Odena et al.'s code and every AC-GAN since,
-# we give G the non-saturating form of -L_S (Goodfellow et al. 2014, section 3): G wants its
-# fakes judged REAL, which gives strong gradients early on when D easily spots fakes.
+# D maximises L_S + L_C. G maximises L_C - L_S; as is common practice we give G the
+# non-saturating form of -L_S (Goodfellow et al. 2014, section 3): G wants its fakes judged
+# REAL, which gives strong gradients early on, when D easily spots fakes.
 # A negative log-likelihood of a logit is BCE-with-logits; of class logits, cross-entropy.
 
 def discriminator_loss(src_real, cls_real, y_real, src_fake, cls_fake, y_fake):
@@ -940,8 +940,8 @@ def main(argv=None):
             generate(args, device)
             return
         if device.type == "cpu":
-            print(f"warning: training on the CPU is slow; for a quick run use --size 64 "
-                  f"--g-channels 256 (now --size {args.size} --g-channels {args.g_channels})")
+            print(f"warning: training on the CPU is slow; for a quick run use --size 64 --g-channels 128 "
+                  f"--d-channels 16 (now --size {args.size} --g-channels {args.g_channels})")
         train(args, device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
