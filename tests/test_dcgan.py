@@ -369,6 +369,47 @@ def test_ctrl_c_saves_and_says_how_to_resume(synth, tmp_path, monkeypatch, capsy
 
 
 # ------------------------------------------------------------------------------------------------
+# Evaluation during training (metrics.py with a random-weights Inception: offline, numbers
+# meaningless, the path exercised)
+
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    import metrics
+
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.manual_seed(0)
+    torch.save(metrics.FIDInceptionV3().state_dict(), path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:FID from N_real")  # expected: N is tiny here
+def test_eval_every_writes_metrics_csv(synth, fid_weights, tmp_path, capsys):
+    # Slow spot: FID's 2048 x 2048 eigh in metrics.py runs on numpy's BLAS threads, which the
+    # one_thread fixture does not limit (about 3 s alone, 25 s on a 2-core box shared with others).
+    out = tmp_path / "eval"
+    assert run_main(["--data", str(synth / "train"), "--cls", "viral", "--out", str(out), *FAST,
+                     "--max-steps", "2", "--eval-every", "2", "--eval-n", "4",
+                     "--fid-weights", str(fid_weights), "--sample-every", "0"]) == 0
+    rows = read_rows(out / "metrics.csv")
+    assert len(rows) == 1 and rows[0]["step"] == "2"
+    assert int(rows[0]["n_real"]) == N_TRAIN and int(rows[0]["n_fake"]) == 4  # N is stated
+    for key in ("fid", "is_mean", "is_std", "kid_mean", "kid_std"):
+        assert np.isfinite(float(rows[0][key])), key
+    assert rows[0]["network"]
+    assert "eval: FID" in capsys.readouterr().out
+
+
+def test_missing_fid_weights_fail_before_training(synth, tmp_path, capsys):
+    out = tmp_path / "noweights"
+    assert run_main(["--data", str(synth / "train"), "--cls", "viral", "--out", str(out), *FAST,
+                     "--max-steps", "2", "--eval-every", "2", "--eval-n", "4",
+                     "--fid-weights", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in error_line(capsys)
+    assert not (out / "log.csv").exists() and not (out / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------------
 # Generate
 
 
