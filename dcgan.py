@@ -14,15 +14,15 @@ What it does
   generator G and a discriminator D on that one class, and writes a run folder. --generate
   loads a checkpoint and writes N PNGs, ready for classify.py and metrics.py.
 
-Commands (from the repo root; each works as written):
+Commands (from the repo root; each works as written, the last one given the FID weights file):
   python prep.py synthetic --out data/synth --n 256 --size 64 --seed 0   # phantom set, no download
   python dcgan.py --data data/synth/train --cls normal --size 32 --epochs 5   # a quick CPU run
   python dcgan.py --data data/synth/train --cls normal --epochs 50            # 64 px, as the paper
   python dcgan.py --data data/synth/train --cls normal --epochs 100 --resume  # continue the 64 px run
   python dcgan.py --generate 500 --ckpt runs/dcgan_normal_64/checkpoints/last.pt --out fakes/normal
+  python -m pytest -q tests/test_dcgan.py
   python dcgan.py --data data/synth/train --cls normal --eval-every 500 \
       --fid-weights pt_inception-2015-12-05-6726825d.pth    # FID/IS/KID during training
-  python -m pytest -q tests/test_dcgan.py
 
 A run folder, runs/dcgan_<class>_<size>/ by default, holds
   config.json                every flag, the versions, the device
