@@ -24,7 +24,8 @@ y from dst:
 Commands (data from prep.py; `python prep.py kermany PATH --out data --size 256` for the real set):
 
     python prep.py synthetic                     # phantoms in data/synthetic (128 px), seconds
-    python cyclegan.py --src normal --dst viral --data data/synthetic/train --size 128
+    python cyclegan.py --src normal --dst viral --data data/synthetic/train --size 64 \\
+        --epochs 5 --decay-epochs 2              # a first run on a CPU: 1,000 steps of ~2 s
     python cyclegan.py --src normal --dst viral  # the papers' setting: data/train, 256 px (a GPU job)
     python cyclegan.py --src normal --dst viral --eval-every 25      # FID/IS/KID at epochs 25..100
     python cyclegan.py --src normal --dst viral --resume             # continue after a stop
@@ -422,7 +423,11 @@ def pick_device(name):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name} but no CUDA GPU is visible — use --device cpu")
-        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: there are {torch.cuda.device_count()} GPUs — use cuda:0 .. "
+                            f"cuda:{torch.cuda.device_count() - 1}")
         print(f"device: cuda ({torch.cuda.get_device_name(device)})")
     elif device.type == "cpu":
         print("device: cpu")
