@@ -327,11 +327,11 @@ def save_confusion_png(cm, classes, path, title):
     """A confusion-matrix picture with Pillow: cells shaded by the row share, counts written in."""
     cell, left, top = 64, 90, 40
     n = len(classes)
-    img = Image.new("RGB", (left + n * cell + 10, top + n * cell + 30), "white")
+    img = Image.new("RGB", (max(left + n * cell + 10, 230), top + n * cell + 30), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     draw.text((5, 5), title, fill="black", font=font)
-    draw.text((left, top + n * cell + 10), "predicted ->", fill="black", font=font)
+    draw.text((5, top + n * cell + 10), "rows: true class, columns: predicted", fill="black", font=font)
     cm = np.asarray(cm)
     for i in range(n):
         draw.text((5, top + i * cell + cell // 2 - 5), classes[i][:12], fill="black", font=font)
@@ -1046,8 +1046,9 @@ def run_fid(args):
               f"covariance is rank-deficient and the distance is biased and noisy; use more "
               f"than {dim} images per folder", file=sys.stderr)
     fid = metrics.frechet_distance(stats[0][0], stats[0][1], stats[1][0], stats[1][1])
+    shown = 0.0 if abs(fid) < 5e-5 else fid  # rounding can leave -1e-12 for identical sets
     print(f"domain FID ({ckpt['arch']} classifier penultimate features, D = {dim}, "
-          f"{ckpt['size']} px): {fid:.4f}   N_real = {counts[0]}, N_fake = {counts[1]}")
+          f"{ckpt['size']} px): {shown:.4f}   N_real = {counts[0]}, N_fake = {counts[1]}")
     result = {"fid": float(fid), "n_real": counts[0], "n_fake": counts[1], "feature_dim": dim,
               "network": f"classify:{ckpt['arch']}", "ckpt": str(args.ckpt)}
     if args.json:

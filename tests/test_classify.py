@@ -492,3 +492,43 @@ def test_non_finite_loss_stops_with_one_line_and_no_model(synth, tmp_path, capsy
     assert err.strip().startswith("error: non-finite loss") and err.strip().count("\n") == 0
     assert not (tmp_path / "run" / "real" / "seed0" / "model.pt").exists()
 
+
+# ------------------------------------------------------------------------------------------
+# Domain FID in the classifier's penultimate features
+# ------------------------------------------------------------------------------------------
+
+def test_domain_fid_of_a_folder_with_itself_is_zero(trained, synth, tmp_path, capsys):
+    ckpt = trained / "real" / "seed0" / "model.pt"
+    code, out, err = run_main(["fid", "--ckpt", ckpt, synth / "test", synth / "test",
+                               "--json", tmp_path / "self.json"], capsys)
+    assert code == 0, err
+    same = json.loads((tmp_path / "self.json").read_text())
+    assert (same["n_real"], same["n_fake"], same["feature_dim"]) == (3 * N_TEST, 3 * N_TEST, 128)
+    assert "N_real = 36" in out and "D = 128" in out
+    assert "below the feature dimension" in err  # 36 images < 128 features: warned, still computed
+    code, _, err = run_main(["fid", "--ckpt", ckpt, synth / "test" / "normal", synth / "test" / "viral",
+                             "--json", tmp_path / "diff.json"], capsys)
+    assert code == 0, err
+    diff = json.loads((tmp_path / "diff.json").read_text())
+    assert diff["fid"] > 1e-3 and abs(same["fid"]) < 1e-6 * diff["fid"]
+
+
+def test_domain_fid_matches_pytorch_fid_formula(trained, synth, tmp_path, capsys):
+    """Two full-rank sets (144 images > 128 features): our number against pytorch-fid's own
+    Frechet distance on the same penultimate features."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    other = tmp_path / "other"
+    prep.make_synthetic(other, n=N_TRAIN, size=SIZE, seed=1)  # new phantom patients
+    ckpt = trained / "real" / "seed0" / "model.pt"
+    code, _, err = run_main(["fid", "--ckpt", ckpt, synth / "train", other / "train",
+                             "--json", tmp_path / "f.json"], capsys)
+    assert code == 0, err
+    assert "below the feature dimension" not in err
+    ours = json.loads((tmp_path / "f.json").read_text())["fid"]
+    model, _ = classify.load_checkpoint(ckpt, torch.device("cpu"))
+    stats = []
+    for folder in (synth / "train", other / "train"):
+        files = sorted(folder.glob("*/*.png"))
+        feats = classify.extract_features(model, classify.load_images(files, SIZE, 1), torch.device("cpu"))
+        stats += [feats.mean(0), np.cov(feats, rowvar=False)]
+    assert ours == pytest.approx(calculate_frechet_distance(*stats), rel=1e-6)
