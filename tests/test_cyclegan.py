@@ -474,9 +474,9 @@ def test_command_line_error_in_a_subprocess():
 
 # --- evaluation ----------------------------------------------------------------------------------
 # metrics.py with a random-weights Inception: the numbers mean nothing, the path is what is tested.
-# One score() costs tens of seconds on a busy 2-core CPU (mostly FID's 2048 x 2048 matrix square
-# root, whatever N), so the real path is scored once; which epochs are evaluated is tested with
-# evaluate() recorded instead.
+# A score() runs the Inception at 299 px and a 2048-d Frechet distance, whatever N: seconds on an
+# idle 2-core CPU, up to a minute on a busy one. So the real path is scored once; which epochs are
+# evaluated is tested with evaluate() recorded instead.
 
 @pytest.fixture(scope="module")
 def fid_weights(tmp_path_factory):
