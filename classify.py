@@ -273,7 +273,7 @@ def metrics_from_confusion(cm, classes):
 def mean_std(values):
     """Mean and sample standard deviation (ddof=1; 0 for a single run)."""
     values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else 0.0)
 
 
 def aggregate(runs, classes):
@@ -288,18 +288,23 @@ def aggregate(runs, classes):
     return out
 
 
+def show(ms, n_runs, scale=1.0, digits=3):
+    """'0.912 ± 0.021' for several runs, '0.912' for one (a std of one run means nothing)."""
+    mean, std = ms
+    return f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if n_runs > 1 else "")
+
+
 def format_class_table(title, agg, classes):
     """The DCGAN paper's Table 4 layout: one row per class, then the macro row and the matrix."""
     cols = ("accuracy", "precision", "recall", "specificity", "f1")
     heads = ("Accuracy", "Precision", "Sensitivity", "Specificity", "F1")
     n = agg["n_runs"]
-    width = 15 if n > 1 else 9
+    width = 15 if n > 1 else 13
     lines = [title, f"{'class':<12}" + "".join(f"{h:>{width}}" for h in heads)]
-    show = (lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}") if n > 1 else (lambda ms: f"{ms[0]:.3f}")
     for c in classes:
-        lines.append(f"{c:<12}" + "".join(f"{show(agg['per_class'][c][k]):>{width}}" for k in cols))
-    lines.append(f"{'macro':<12}" + "".join(f"{show(agg['macro'][k]):>{width}}" for k in cols))
-    lines.append(f"overall accuracy {show(agg['accuracy'])}"
+        lines.append(f"{c:<12}" + "".join(f"{show(agg['per_class'][c][k], n):>{width}}" for k in cols))
+    lines.append(f"{'macro':<12}" + "".join(f"{show(agg['macro'][k], n):>{width}}" for k in cols))
+    lines.append(f"overall accuracy {show(agg['accuracy'], n)}"
                  + (f" (mean ± sample std over {n} runs)" if n > 1 else " (1 run)"))
     lines.append("confusion matrix, rows = true class, columns = predicted"
                  + (f", summed over {n} runs:" if n > 1 else ":"))
@@ -315,10 +320,8 @@ def format_mode_table(aggs):
     lines = [f"{'Dataset':<12}{'Runs':>5}{'Accuracy %':>17}{'Precision':>16}{'Recall':>16}{'F1':>16}"]
     for mode, agg in aggs.items():
         n = agg["n_runs"]
-        show = (lambda ms, s=1.0, d=3: f"{ms[0] * s:.{d}f} ± {ms[1] * s:.{d}f}") if n > 1 else \
-               (lambda ms, s=1.0, d=3: f"{ms[0] * s:.{d}f}")
-        lines.append(f"{mode:<12}{n:>5}{show(agg['accuracy'], 100, 1):>17}"
-                     + "".join(f"{show(agg['macro'][k]):>16}" for k in ("precision", "recall", "f1")))
+        lines.append(f"{mode:<12}{n:>5}{show(agg['accuracy'], n, scale=100, digits=1):>17}"
+                     + "".join(f"{show(agg['macro'][k], n):>16}" for k in ("precision", "recall", "f1")))
     lines.append("(precision, recall and F1 are macro averages over classes; ± is the sample std over runs)")
     return "\n".join(lines)
 

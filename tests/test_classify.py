@@ -513,6 +513,7 @@ def test_domain_fid_of_a_folder_with_itself_is_zero(trained, synth, tmp_path, ca
     assert diff["fid"] > 1e-3 and abs(same["fid"]) < 1e-6 * diff["fid"]
 
 
+@pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")  # inside pytorch-fid
 def test_domain_fid_matches_pytorch_fid_formula(trained, synth, tmp_path, capsys):
     """Two full-rank sets (144 images > 128 features): our number against pytorch-fid's own
     Frechet distance on the same penultimate features."""
@@ -532,3 +533,14 @@ def test_domain_fid_matches_pytorch_fid_formula(trained, synth, tmp_path, capsys
         feats = classify.extract_features(model, classify.load_images(files, SIZE, 1), torch.device("cpu"))
         stats += [feats.mean(0), np.cov(feats, rowvar=False)]
     assert ours == pytest.approx(calculate_frechet_distance(*stats), rel=1e-6)
+
+
+def test_images_are_resized_and_corrupt_ones_are_one_line_errors(synth, tmp_path, capsys):
+    write_pngs(tmp_path / "big", [200], size=2 * SIZE)
+    x = classify.load_images(sorted((tmp_path / "big").glob("*.png")), SIZE, workers=2)
+    assert x.shape == (1, 1, SIZE, SIZE) and x.dtype == torch.uint8 and int(x.float().mean()) == 200
+    test = tmp_path / "test"
+    shutil.copytree(synth / "test", test)
+    (test / "viral" / "broken.png").write_bytes(b"not a png")
+    assert_user_error(["train", "--real", synth / "train", "--test", test, "--size", SIZE], capsys,
+                      "cannot read image", "broken.png")
