@@ -15,24 +15,28 @@ One small, fast X-ray classifier and the three experiments the papers build on i
 Exact commands (the synthetic set needs no download):
 
     python prep.py synthetic --out data/synthetic --n 200 --size 64
-    # real only, 3 seeds, the default small CNN
+    # real only, 3 seeds, the default small CNN (about 2 minutes per run on a 2-core CPU)
     python classify.py train --real data/synthetic/train --test data/synthetic/test \
-        --size 64 --epochs 15 --seeds 3 --out runs/classify_real
-    # Table I in one go: real, fake, real+fake (FAKE/<class>/*.png, e.g. AC-GAN --generate output)
+        --seeds 3 --out runs/classify_real
+    # the AC-GAN paper's Table I in one go: real, fake, real+fake. --fake DIR reads
+    # DIR/<class>/*.png, which is what `acgan.py --generate 500 ... --out fake/acgan` writes
     python classify.py train --real data/synthetic/train --test data/synthetic/test \
-        --fake runs/acgan/generated --mode real,fake,real+fake --seeds 3 --out runs/classify_aug
-    # flat folders (DCGAN --generate, CycleGAN --translate: one class each): CLASS=DIR, repeatable
-    python classify.py train ... --mode real+fake \
-        --fake viral=runs/dcgan_viral/generated --fake bacterial=runs/dcgan_bacterial/generated
-    # scarcity: 20 real images per class, plus 100 generated ones per class
-    python classify.py train ... --real-per-class 20 --fake-per-class 100
-    # the DCGAN paper's protocol: 4 patient-aware folds of --real, SGD recipe, classic augmentation
-    python classify.py train --real data/synthetic/train --folds 4 --recipe paper --augment
-    # realism judge and domain FID with a trained checkpoint
+        --fake fake/acgan --mode real,fake,real+fake --seeds 3 --out runs/classify_acgan
+    # flat folders (dcgan.py --generate, cyclegan.py --translate: one class each): CLASS=DIR
+    python classify.py train --real data/synthetic/train --test data/synthetic/test \
+        --mode real,real+fake --fake viral=fake_viral --fake bacterial=fakes/bacterial
+    # scarcity: 20 real images per class, with at most 100 generated ones per class
+    python classify.py train --real data/synthetic/train --test data/synthetic/test \
+        --fake fake/acgan --mode real,real+fake --real-per-class 20 --fake-per-class 100 --seeds 5
+    # classic augmentation, to compare against GAN augmentation
+    python classify.py train --real data/synthetic/train --test data/synthetic/test \
+        --real-per-class 20 --augment --seeds 5 --out runs/classify_classic_aug
+    # the DCGAN paper's protocol: 4 patient-aware folds of --real, its SGD recipe
+    python classify.py train --real data/synthetic/train --folds 4 --recipe paper
+    # realism judge (baseline: the checkpoint's test folder) and domain FID
     python classify.py judge --ckpt runs/classify_real/real/seed0/model.pt \
-        --images runs/dcgan_viral/generated --expect viral
-    python classify.py fid --ckpt runs/classify_real/real/seed0/model.pt \
-        data/synthetic/test/viral runs/dcgan_viral/generated
+        --images fake_viral --expect viral
+    python classify.py fid --ckpt runs/classify_real/real/seed0/model.pt data/synthetic/test/viral fake_viral
 
 Decisions a reader should know (README "classify.py" says the same):
 - Class imbalance: the cross-entropy loss weights class c by n / (C * n_c), computed on the
@@ -658,7 +662,7 @@ def train_model(model, train_set, n_classes, cfg, seed, device, log_path):
             lr_now = optimizer.param_groups[0]["lr"]
             log.writerow([epoch + 1, step, f"{loss_mean:.5f}", f"{acc:.4f}", f"{lr_now:.3g}", f"{seconds:.2f}"])
             log_file.flush()
-            if cfg.verbose:
+            if not cfg.quiet:
                 print(f"  epoch {epoch + 1:>3}/{epochs}  loss {loss_mean:.4f}  "
                       f"train acc {acc:.3f}  ({seconds:.1f} s)")
             if cfg.max_steps and step >= cfg.max_steps:
@@ -1085,7 +1089,7 @@ def parse_args(argv=None):
                    help="real test split folder TEST/<class>/*.png (e.g. data/test); not with --folds")
     t.add_argument("--mode", default="real",
                    help="training set: real, fake, real+fake, or a comma list (one table row each)")
-    t.add_argument("--out", default=None, help="run folder (default runs/classify_<arch>_<size>)")
+    t.add_argument("--out", default=None, help="run folder (None: runs/classify_<arch>_<size>)")
     t.add_argument("--arch", choices=ARCHS, default="small",
                    help="small: ~0.29 M-parameter CNN; or torchvision models with a 1-channel input")
     t.add_argument("--pretrained", action="store_true",
@@ -1098,24 +1102,24 @@ def parse_args(argv=None):
     t.add_argument("--recipe", choices=tuple(RECIPES), default="default",
                    help="default: AdamW lr 1e-3, wd 1e-4, batch 64, cosine decay; paper: SGD lr "
                         "0.01, Nesterov momentum 0.9, batch 256 (DCGAN paper 3.3.2)")
-    t.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
-    t.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (None: the recipe's)")
+    t.add_argument("--batch-size", type=int, default=None, help="batch size (None: the recipe's)")
     t.add_argument("--augment", action="store_true",
                    help=f"classic augmentation: rotation +-{AUG_MAX_ROTATION_DEG:g} deg, random "
                         f"crop {AUG_MIN_ZOOM:g}-1, brightness/contrast +-{AUG_BRIGHTNESS:g} (no flips)")
     t.add_argument("--folds", type=int, default=0,
                    help="K-fold cross-validation on --real instead of --test; patient-aware with "
-                        "DATA/manifest.csv")
+                        "DATA/manifest.csv (0: no folds)")
     t.add_argument("--seed", type=int, default=0, help="first seed (also draws the folds)")
     t.add_argument("--seeds", type=int, default=1, help="runs with seeds SEED..SEED+N-1; mean ± std")
     t.add_argument("--real-per-class", type=int, default=None,
-                   help="keep at most N real training images per class (scarcity)")
+                   help="keep at most N real training images per class (scarcity; None: all)")
     t.add_argument("--fake-per-class", type=int, default=None,
-                   help="keep at most N generated images per class")
-    t.add_argument("--max-steps", type=int, default=0, help="stop each run after N steps (smoke tests)")
+                   help="keep at most N generated images per class (None: all)")
+    t.add_argument("--max-steps", type=int, default=0, help="stop each run after N steps (0: no limit)")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="autocast on CUDA (bf16, else fp16 with a GradScaler); ignored on CPU")
-    t.add_argument("--quiet", dest="verbose", action="store_false", help="no per-epoch lines")
+    t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     common(t)
     t.epilog = ("Class imbalance: the loss weights each class by n / (C * n_c) of the run's "
                 "training set. Outputs: OUT/table.txt, OUT/results.json, OUT/<mode>/confusion.png, "
@@ -1129,7 +1133,7 @@ def parse_args(argv=None):
     j.add_argument("--threshold", type=float, default=JUDGE_THRESHOLD,
                    help="accepted when p(expect) is above this (CycleGAN-ViT paper: 0.98)")
     j.add_argument("--baseline", default=None,
-                   help="real split folder with BASELINE/<expect>/ (default: the checkpoint's --test)")
+                   help="real split folder with BASELINE/<expect>/ (None: the checkpoint's --test)")
     j.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     common(j)
 
