@@ -304,14 +304,21 @@ def one_line(e):
 
 
 def download_fid_weights():
-    """The release weights: downloaded on first use into <torch hub dir>/checkpoints, then read
-    from there. check_hash=True makes torch.hub compare the file's SHA-256 with the 6726825d in
-    its name, so a truncated or tampered download is refused rather than used."""
+    """-> (state dict, where it lies). Downloaded on first use into <torch hub dir>/checkpoints;
+    torch.hub's check_hash compares the download's SHA-256 with the 6726825d in the file name, and
+    we check the cached file the same way on every load (torch.hub does not), so a damaged file
+    is never used."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
     try:
-        return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=True,
-                                                  check_hash=True, weights_only=True)
-    except Exception as e:  # offline, proxy, HTTP error, hash mismatch: all end the same way
-        raise WeightsError(f"cannot get the FID Inception weights ({one_line(e)}) — {WEIGHTS_HINT}")
+        state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=True,
+                                                   check_hash=True, weights_only=True)
+    except Exception as e:  # offline, proxy, HTTP error, hash mismatch, unreadable cache: one message
+        raise WeightsError(f"cannot get the FID Inception weights ({one_line(e)}) — {WEIGHTS_HINT}"
+                           + (f" (or delete {cached} if it is damaged)" if cached.exists() else ""))
+    if not sha256_of(cached).startswith(FID_WEIGHTS_SHA256_PREFIX):
+        raise WeightsError(f"{cached} is damaged (its SHA-256 does not start with {FID_WEIGHTS_SHA256_PREFIX}) "
+                           f"— delete it to download it again, or {WEIGHTS_HINT}")
+    return state, cached
 
 
 def sha256_of(path):
@@ -346,9 +353,8 @@ def load_fid_inception(weights=None):
                   ("the pytorch-fid release file)" if standard else
                    "NOT the pytorch-fid release file; numbers compare only with this file)"))
     else:
-        state = download_fid_weights()
-        source = f"{torch.hub.get_dir()}/checkpoints/{FID_WEIGHTS_URL.rsplit('/', 1)[1]} (hash checked)"
-        path = FID_WEIGHTS_URL
+        state, path = download_fid_weights()
+        source = f"{path} (sha256 {FID_WEIGHTS_SHA256_PREFIX}: the pytorch-fid release file)"
 
     model = FIDInceptionV3()
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -493,7 +499,7 @@ def list_images(folder, recursive=False):
     pattern = "**/*" if recursive else "*"
     files = sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
-        subfolders = sorted(d.name for d in folder.iterdir() if d.is_dir() and list_images_quietly(d))
+        subfolders = sorted(d.name for d in folder.iterdir() if d.is_dir() and has_images(d))
         if subfolders and not recursive:
             raise UserError(f"no images directly in {folder}, but its subfolders {', '.join(subfolders)} "
                             f"have some — point at one class (e.g. {folder / subfolders[0]}) or pass "
@@ -503,7 +509,7 @@ def list_images(folder, recursive=False):
     return files
 
 
-def list_images_quietly(folder):
+def has_images(folder):
     return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*"))
 
 
@@ -674,8 +680,8 @@ def pairwise_distances(a, b):
     return d2.clamp_min_(0).sqrt_()
 
 
-def row_blocks(n_rows, n_cols, budget=2 ** 25):
-    """Row ranges so that one block of distances holds about `budget` float64 values (256 MB)."""
+def row_blocks(n_rows, n_cols, budget=2 ** 24):
+    """Row ranges so that one block of distances holds about `budget` float64 values (128 MB)."""
     step = max(1, budget // max(1, n_cols))
     return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
@@ -760,7 +766,7 @@ def pixel_thumbnails(images):
     for im in images:
         x = im.double().div(255).mean(0, keepdim=True)[None]  # (1, 1, H, W)
         x = F.interpolate(x, size=(PIXEL_SIZE, PIXEL_SIZE), mode="bilinear", antialias=True, align_corners=False)
-        out.append(x.flatten())
+        out.append(x.flatten().float())
     return torch.stack(out).numpy()
 
 
@@ -948,6 +954,8 @@ def run_kid(args, features, say):
     extract = features()
     (f1, _), (f2, _) = extract(real), extract(fake)
     mean, std, m = kernel_inception_distance(f1, f2, args.subsets, args.subset_size, device=extract.device)
+    if m == len(real) == len(fake):
+        warn(f"every KID subset holds all {m} images of both sets, so the subsets are the same and std is 0")
     say(f"KID {mean:.6f} ± {std:.6f}  (x1000: {1000 * mean:.3f} ± {1000 * std:.3f}; N_real {len(real)}, "
         f"N_fake {len(fake)}, {args.subsets} subsets of {m}; {NETWORK} pool3)")
     return {"metric": "kid", "kid_mean": mean, "kid_std": std, "subset_size": m, "subsets": args.subsets,
@@ -975,6 +983,10 @@ def run_nn(args, features, say):
         raise UserError(f"--copy-quantile {args.copy_quantile} is not between 0 and 1 — e.g. 0.01")
     if held is None and len(train) < 2:
         raise UserError("leave-one-out needs at least 2 training images — add images or pass --held-out")
+    n_reference = len(held or train)
+    if n_reference * args.copy_quantile < 1:
+        warn(f"{n_reference} reference images make the {args.copy_quantile:g} quantile threshold coarse (it is "
+             f"about their smallest distance); use at least {math.ceil(1 / args.copy_quantile)} for a stable rule")
     extract = features()
     spaces = {}
     for name, files in (("train", train), ("fake", fake), ("held", held)):
@@ -1040,7 +1052,8 @@ def main(argv=None):
         if not loaded:
             device = resolve_device(args.device)
             extract = InceptionFeatures(args.weights, device, args.batch_size, args.channels_last, args.workers)
-            name = torch.cuda.get_device_name(device) if device.type == "cuda" else "about 5-8 images/s on 2 cores"
+            name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                    f"{torch.get_num_threads()} threads; about 5-8 images/s on 2 cores")
             print(f"device: {device.type} ({name}); weights: {extract.weights_source}", file=sys.stderr)
             loaded.append(extract)
         return loaded[0]

@@ -351,6 +351,28 @@ def test_offline_download_is_a_one_line_error_naming_url_and_flag(monkeypatch, t
     assert exit_info.value.code == 2 and err[-1].startswith("error: ") and metrics.FID_WEIGHTS_URL in err[-1]
 
 
+def test_download_goes_to_the_hub_cache_and_is_hash_checked(monkeypatch, tmp_path, weights, state):
+    """The first-use download, offline: a stand-in download_url_to_file copies our weights file.
+    The URL is renamed so that its hash suffix is that file's SHA-256 prefix."""
+    prefix = metrics.sha256_of(weights)[:8]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("FID_WEIGHTS", raising=False)
+    monkeypatch.setattr(metrics, "FID_WEIGHTS_URL", f"https://example.invalid/pt_inception-2015-12-05-{prefix}.pth")
+    monkeypatch.setattr(metrics, "FID_WEIGHTS_SHA256_PREFIX", prefix)
+    downloads = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, *args, **kwargs: downloads.append(url) or shutil.copy(weights, dst))
+    model, source = metrics.load_fid_inception()
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / f"pt_inception-2015-12-05-{prefix}.pth"
+    assert cached.is_file() and str(cached) in source and len(downloads) == 1
+    assert torch.equal(model.fc.weight, state["fc.weight"])
+    metrics.load_fid_inception()
+    assert len(downloads) == 1                   # the second time it comes from the cache
+    cached.write_bytes(cached.read_bytes()[:-1] + b"x")   # damage the cached file
+    with pytest.raises(metrics.WeightsError, match="damaged"):
+        metrics.load_fid_inception()
+
+
 def expect_user_error(capsys, argv, *fragments):
     with pytest.raises(SystemExit) as e:
         metrics.main(argv)
