@@ -216,7 +216,8 @@ def download_imagenet_weights(arch):
     except Exception as e:  # URLError, timeouts, a corrupt cache file: all mean "no weights"
         raise UserError(f"cannot get the ImageNet weights for {arch} from {weights.url} "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}) — go online "
-                        f"once (they are cached under {torch.hub.get_dir()}) or drop --pretrained")
+                        f"once (they are cached in {Path(torch.hub.get_dir()) / 'checkpoints'}, where "
+                        f"a copied file works too) or drop --pretrained")
 
 
 def build_model(arch, n_classes, pretrained=False):
@@ -689,9 +690,15 @@ def extract_features(model, x_uint8, device, batch_size=256):
 
 
 def save_checkpoint(path, state):
+    """Write PATH.tmp, then rename it over PATH (atomic): a crash or a full disk never leaves a
+    half-written model.pt, and an older one stays intact. Load with weights_only=True."""
     tmp = str(path) + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):                                     # only after a failed save
+            os.remove(tmp)
 
 
 def load_checkpoint(path, device):
@@ -908,6 +915,10 @@ def run_train(args):
     args.lr = args.lr if args.lr is not None else recipe["lr"]
     args.batch_size = args.batch_size if args.batch_size is not None else recipe["batch_size"]
     args.recipe_dict = recipe
+    if args.pretrained:
+        # Fail before minutes of image loading, not after: no ImageNet weights offline, and none
+        # for --arch small. Later runs read the weights from torch's cache.
+        build_model(args.arch, n_classes=1, pretrained=True)
     if device.type == "cpu":
         slower = f"; --arch {args.arch} is much slower than --arch small" if args.arch != "small" else ""
         smaller = "; --size 64 is 4x faster" if args.size > 64 else ""
@@ -1121,8 +1132,9 @@ def parse_args(argv=None):
                    help="autocast on CUDA (bf16, else fp16 with a GradScaler); ignored on CPU")
     t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     common(t)
-    t.epilog = ("Class imbalance: the loss weights each class by n / (C * n_c) of the run's "
-                "training set. Outputs: OUT/table.txt, OUT/results.json, OUT/<mode>/confusion.png, "
+    t.epilog = ("Class imbalance: a weighted cross-entropy loss (no resampling): each class is "
+                "weighted by n / (C * n_c) of the run's training set. Outputs: OUT/table.txt, "
+                "OUT/results.json, OUT/<mode>/confusion.png, "
                 "OUT/<mode>/seed<S>[_fold<K>]/{model.pt,predictions.csv,confusion.png,log.csv}.")
 
     j = sub.add_parser("judge", formatter_class=fmt,

@@ -152,6 +152,85 @@ def test_class_weights_balance_the_classes():
 
 
 # ------------------------------------------------------------------------------------------
+# Models: sizes, one input channel, the paper recipe, imbalance in --help, checkpoints
+# ------------------------------------------------------------------------------------------
+
+def test_small_cnn_has_0_1_to_1_million_parameters():
+    model = classify.SmallCNN(3)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 100_000 <= n_params <= 1_000_000, n_params
+    assert model(torch.rand(2, 1, SIZE, SIZE)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("arch, dim", [("resnet18", 512), ("efficientnet_v2_s", 1280)])
+def test_torchvision_archs_read_one_channel(arch, dim):
+    model = classify.build_model(arch, 3).eval()
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        assert model(x).shape == (2, 3) and model.features(x).shape == (2, dim) == (2, model.feature_dim)
+
+
+def test_one_channel_conv_equals_rgb_conv_on_a_gray_image():
+    # Summing the RGB filters is exact for a gray image copied into R, G and B (--pretrained).
+    torch.manual_seed(0)
+    rgb = torch.nn.Conv2d(3, 8, 3, padding=1)
+    gray = classify.one_channel_conv(rgb)
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(gray(x), rgb(x.repeat(1, 3, 1, 1)), atol=1e-5)
+
+
+def test_help_says_how_class_imbalance_is_handled(capsys):
+    with pytest.raises(SystemExit) as e:
+        classify.main(["train", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "weighted cross-entropy loss" in out and "n / (C * n_c)" in out
+
+
+def test_paper_recipe_is_nesterov_sgd_lr_0_01_batch_256(synth, tmp_path, capsys):
+    code, _, err = run_main(train_args(synth, tmp_path, "--recipe", "paper"), capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["batch_size"], config["lr"]) == (256, 0.01)
+    ckpt = torch.load(tmp_path / "run" / "real" / "seed0" / "model.pt", weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["momentum"], group["nesterov"]) == (0.01, 0.9, True)
+    assert "exp_avg" not in next(iter(ckpt["optimizer"]["state"].values()))  # SGD, not Adam
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    classify.save_checkpoint(path, {"w": torch.ones(3)})
+    real_save = torch.save
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError):
+        classify.save_checkpoint(path, {"w": torch.zeros(3)})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))  # old one intact
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]                  # no .tmp left
+
+
+def test_checkpoint_is_loaded_weights_only(tmp_path, capsys):
+    # A checkpoint holding an arbitrary Python object is refused (weights_only=True never
+    # unpickles code), with a one-line error instead of running it.
+    import argparse
+    images = write_pngs(tmp_path / "images", [1, 2])
+    evil = tmp_path / "evil.pt"
+    torch.save({"kind": classify.CHECKPOINT_KIND, "arch": "small", "classes": ["normal", "viral"],
+                "size": SIZE, "test_dir": None, "model": classify.SmallCNN(2).state_dict(),
+                "args": argparse.Namespace(a=1)}, evil)
+    assert_user_error(["judge", "--ckpt", evil, "--images", images, "--expect", "viral"], capsys,
+                      "cannot read checkpoint")
+
+
+# ------------------------------------------------------------------------------------------
 # Data helpers: folds, augmentation
 # ------------------------------------------------------------------------------------------
 
@@ -171,6 +250,13 @@ def test_folds_are_disjoint_patient_aware_and_stratified(synth):
     assert counts.sum() == len(paths) and (counts > 0).all()
     assert counts.max() - counts.min() <= 4  # a patient is at most a few images
     assert np.array_equal(fold_of, classify.make_folds(labels, patients, 4, seed=0))
+
+
+def test_folds_without_manifest_split_images_and_say_so(synth, tmp_path):
+    split = copy_class(synth / "train" / "normal", tmp_path / "data" / "train" / "normal", 4).parent
+    paths = [str(p) for p in sorted((split / "normal").glob("*.png"))]
+    patients, note = classify.read_patients(split, paths)
+    assert len(set(patients)) == 4 and "folds split images, not patients" in note
 
 
 def test_train_with_folds_evaluates_on_disjoint_held_out_patients(synth, tmp_path, capsys):
@@ -227,6 +313,7 @@ def test_short_training_reaches_high_accuracy(trained, synth):
     rows = list(csv.DictReader(open(run_dir / "predictions.csv")))
     assert len(rows) == 3 * N_TEST and {r["true"] for r in rows} == set(CLASSES)
     assert Image.open(run_dir / "confusion.png").size[0] > 100
+    assert not list(trained.rglob("*.tmp*"))  # checkpoints and PNGs were moved into place
     ckpt = torch.load(run_dir / "model.pt", weights_only=True, map_location="cpu")
     assert ckpt["kind"] == "classify" and ckpt["arch"] == "small" and ckpt["size"] == SIZE
     assert ckpt["test_dir"] == str((synth / "test").resolve())
@@ -468,15 +555,24 @@ def test_error_judge_inputs(tmp_path, capsys):
                       "--baseline")
 
 
-def test_error_pretrained_offline(synth, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_v2_s"])
+def test_error_pretrained_offline(arch, synth, tmp_path, capsys, monkeypatch):
+    # torchvision and torch.hub run for real against an empty cache; only the HTTP download is
+    # replaced by one that fails as it does offline. It must be our stand-in that failed, so the
+    # test neither uses the network nor passes merely because this machine is offline.
     import urllib.error
-    import torchvision.models._api as api
+    urls = []
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    assert_user_error(train_args(synth, tmp_path, "--arch", "resnet18", "--pretrained"), capsys,
-                      "ImageNet weights", "drop --pretrained")
+    def offline(url, dst, *args, **kwargs):
+        urls.append(url)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    line = assert_user_error(train_args(synth, tmp_path, "--arch", arch, "--pretrained"), capsys,
+                             "ImageNet weights", arch, "URLError", str(tmp_path / "hub" / "checkpoints"),
+                             "drop --pretrained")
+    assert len(urls) == 1 and urls[0] in line and urls[0].startswith("https://download.pytorch.org/")
+    assert not (tmp_path / "run").exists()  # it failed before loading data or writing anything
 
 
 def test_error_as_subprocess_is_one_line(tmp_path):
