@@ -575,6 +575,32 @@ def test_error_pretrained_offline(arch, synth, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()  # it failed before loading data or writing anything
 
 
+def test_pretrained_loads_downloaded_weights_and_sums_rgb_filters(synth, tmp_path, capsys, monkeypatch):
+    # The "download" writes known weights (a random resnet18) where torch.hub caches files.
+    import torchvision
+    imagenet = torchvision.models.resnet18().state_dict()
+    urls = []
+
+    def download(url, dst, *args, **kwargs):
+        urls.append(url)
+        torch.save(imagenet, dst)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    model = classify.build_model("resnet18", 3, pretrained=True)
+    body = model.body.state_dict()
+    assert torch.equal(body["conv1.weight"], imagenet["conv1.weight"].sum(1, keepdim=True))
+    assert all(torch.equal(body[k], imagenet[k]) for k in imagenet if not k.startswith(("conv1", "fc")))
+    assert model.mean.item() == pytest.approx(classify.IMAGENET_GRAY_MEAN)
+    code, _, err = run_main(train_args(synth, tmp_path, "--arch", "resnet18", "--pretrained"), capsys)
+    assert code == 0, err
+    assert len(urls) == 1                  # downloaded once, then read from the cache
+    # the checkpoint carries everything: loading it needs no download (urls stays at 1)
+    loaded, ckpt = classify.load_checkpoint(tmp_path / "run" / "real" / "seed0" / "model.pt",
+                                            torch.device("cpu"))
+    assert ckpt["arch"] == "resnet18" and len(urls) == 1
+    assert loaded.mean.item() == pytest.approx(classify.IMAGENET_GRAY_MEAN)
+
+
 def test_error_as_subprocess_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "classify.py", "train", "--real", str(tmp_path / "nope"),
                         "--test", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True)
