@@ -94,6 +94,7 @@ SEED_STRIDE = 100003                      # data order of epoch e is seeded with
 FIXED_NOISE_SEED_OFFSET = 1               # the sample grid's noise has its own generator ...
 EVAL_NOISE_SEED_OFFSET = 2                # ... and so has evaluation, so neither touches the training RNG
 RANDOM_DATA_IMAGES = 1024                 # --random-data: images in one "epoch" of random tensors
+PRELOAD_MAX_SHARE = 0.5                   # preload only when it takes at most half the free host memory
 EXIT_NONFINITE = 1                        # a NaN/inf loss stops the run with this code
 EXIT_INTERRUPTED = 130                    # Ctrl-C: the shell's code for SIGINT
 # Flags that define a run: resuming with a different value would not continue the same run.
@@ -288,6 +289,9 @@ def pick_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r} — use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name} but this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s) — use cuda or cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     if device.type == "cuda":
         print(f"device: cuda ({torch.cuda.get_device_name(device)})")
     return device
@@ -375,6 +379,33 @@ def preload(paths, size, workers):
     return torch.from_numpy(np.stack(arrays)).unsqueeze(1)
 
 
+def free_host_memory_bytes():
+    """Host memory available now, in bytes: MemAvailable on Linux, free pages elsewhere, None
+    when neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024          # the file counts in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def preload_fits(n_bytes):
+    """Can --fast preload n_bytes of uint8 images? If they need more than half of the free host
+    memory, say so once and let the caller read PNGs from disk each epoch (issue 8)."""
+    free = free_host_memory_bytes()
+    if free is None or n_bytes <= PRELOAD_MAX_SHARE * free:
+        return True                                             # unknown free memory: assume it fits
+    print(f"note: preloading {n_bytes / 1e9:.2f} GB of uint8 images needs more than half of the "
+          f"{free / 1e9:.2f} GB of free host memory; reading PNGs from disk each epoch instead (slower)")
+    return False
+
+
 class PNGDataset(Dataset):
     """--no-fast: decode PNGs from disk every epoch (the plain pipeline the benchmark compares)."""
 
@@ -404,7 +435,8 @@ def balanced_order(labels, n_classes, steps, batch_size, seed, epoch):
 
 
 class RealData:
-    """Where real batches come from: preloaded tensor (--fast), PNG DataLoader (--no-fast) or noise."""
+    """Where real batches come from: preloaded tensor (--fast), PNG DataLoader (--no-fast, or
+    --fast when the preload would not fit in host memory) or noise (--random-data)."""
 
     def __init__(self, args, classes, device):
         self.args, self.device, self.n_classes = args, device, len(classes)
@@ -416,7 +448,8 @@ class RealData:
         self.paths, self.labels = find_images(args.data, classes)
         self.counts = torch.bincount(self.labels, minlength=len(classes)).tolist()
         self.steps_per_epoch = max(1, len(self.paths) // args.batch_size)
-        if args.fast:
+        # the preload is one uint8 channel whatever --channels (3 repeats it on the device)
+        if args.fast and preload_fits(len(self.paths) * args.size * args.size):
             images = preload(self.paths, args.size, args.workers)
             if device.type == "cuda":   # on the GPU when it fits with room to spare, else pinned memory
                 fits = images.numel() * 4 < torch.cuda.mem_get_info(device)[0]
@@ -533,7 +566,7 @@ def train_step(G, D, opt_g, opt_d, scaler, autocast, x_real, y_real, n_classes, 
         "d_x": torch.sigmoid(src_real).mean(),                           # D(x): P(real) on real images
         "d_g_z": torch.sigmoid(src_fake).mean(),                         # D(G(z)): P(real) on fakes, D step
         # counts for the per-epoch accuracies (a logit > 0 means "real")
-        "n": torch.tensor(float(b), device=x_real.device),
+        "n": torch.full((), float(b), device=x_real.device),            # a fill, not a host->device copy
         "src_real_right": (src_real > 0).float().sum(),
         "src_fake_right": (src_fake < 0).float().sum(),
         "cls_real_right": (cls_real.detach().argmax(1) == y_real).float().sum(),
@@ -628,16 +661,32 @@ def epoch_accuracies(step, steps_per_epoch, epoch_sums):
             "n_images": int(n)}
 
 
-def write_config(out, args, device, data):
+def write_config(out, args, device, data, amp_name):
     """config.json: every flag, the versions, the device and what the data looked like."""
     config = {**vars(args), "model": MODEL_NAME, "device_name": device_name(device),
               "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
               "python": platform.python_version(),
               "class_counts": dict(zip(args.classes, data.counts)),
               "steps_per_epoch": data.steps_per_epoch,
+              "amp": amp_name, "preloaded": data.images is not None,
               "imbalance": "balanced sampling of real batches; fake labels uniform",
               "resize": "PIL LANCZOS when a PNG is not --size"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def autocast_and_scaler(args, device):
+    """--amp: None (auto) = on with CUDA + --fast, off on the CPU; True = on (the CPU uses bf16, so
+    the "autocast changes results only by noise" check runs anywhere); False = fp32. --no-fast is
+    always plain fp32. CUDA: bf16 where supported (no scaler needed), else fp16 + ONE GradScaler."""
+    cuda = device.type == "cuda"
+    use_amp = args.fast and (cuda if args.amp is None else args.amp)
+    if args.amp and not args.fast:
+        print("note: --no-fast is plain fp32, so --amp is ignored")
+    if not use_amp:
+        return nullcontext(), torch.amp.GradScaler("cuda", enabled=False), "off"
+    dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return torch.autocast(device.type, dtype=dtype), scaler, str(dtype).replace("torch.", "")
 
 
 def train(args, device):
@@ -649,11 +698,7 @@ def train(args, device):
     channels_last = fast and cuda
     if fast and cuda:
         torch.backends.cudnn.benchmark = True
-    # autocast: bf16 where supported (no scaler needed), else fp16 with ONE GradScaler
-    use_amp = fast and cuda and args.amp
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    autocast, scaler, amp_name = autocast_and_scaler(args, device)
 
     data = RealData(args, classes, device)
     steps_per_epoch = data.steps_per_epoch
@@ -685,7 +730,8 @@ def train(args, device):
         D.load_state_dict(ckpt["discriminator"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt["scaler"]:             # empty when saved without fp16 autocast
+            scaler.load_state_dict(ckpt["scaler"])
         epoch_sums = ckpt["epoch_sums"].to(device)
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng_cpu"].cpu())             # noise, fake labels and dropout continue
@@ -696,11 +742,11 @@ def train(args, device):
         print(f"resumed from {path} at step {step}")
 
     out.mkdir(parents=True, exist_ok=True)
-    write_config(out, args, device, data)
+    write_config(out, args, device, data, amp_name)
     n_g, n_d = (sum(p.numel() for p in net.parameters()) for net in (G, D))
     source = "random tensors" if args.random_data else f"{dict(zip(classes, data.counts))} images"
     print(f"classes: {source}, balanced sampling; {steps_per_epoch} steps/epoch, {total_steps} steps, "
-          f"G {n_g / 1e6:.1f}M / D {n_d / 1e6:.2f}M parameters")
+          f"G {n_g / 1e6:.1f}M / D {n_d / 1e6:.2f}M parameters; autocast {amp_name}")
 
     fixed_z, fixed_y = fixed_sample_inputs(n_classes, args.latent_dim, args.seed, device)
     finite = torch.ones((), dtype=torch.bool, device=device)  # stays True while every loss is finite
@@ -772,7 +818,14 @@ def train(args, device):
                     sums = {k: torch.zeros((), device=device) for k in LOSS_KEYS}
                     n_since_log, t_log, t_excluded = 0, time.perf_counter(), 0.0
 
-                t_side = time.perf_counter()                # sampling/saving/eval time is not step time
+                # sampling/saving/eval time is not step time; wait for the GPU first, or the
+                # training kernels still queued would be counted as side work
+                side_work = (step % steps_per_epoch == 0 or step % args.sample_every == 0 or done
+                             or step % args.save_every == 0 or interrupted
+                             or (args.eval_every and step % args.eval_every == 0))
+                if cuda and side_work:
+                    torch.cuda.synchronize(device)
+                t_side = time.perf_counter()
                 if step % steps_per_epoch == 0:             # end of an epoch: the D's accuracies
                     e = epoch_accuracies(step, steps_per_epoch, epoch_sums)
                     write_csv_row(out / "epochs.csv", e)
@@ -845,13 +898,17 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = OneLineErrorParser(description="AC-GAN for chest X-rays (one model, all classes).",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineErrorParser(
+        description="AC-GAN for chest X-rays (one model, all classes). Class imbalance: real "
+        "batches are drawn with balanced sampling (every class equally likely, with replacement) "
+        "and the labels asked of the generator uniformly; the losses carry no class weights.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="data/train", help="split folder with <class>/*.png")
     p.add_argument("--out", default=None, help="run folder (default runs/acgan_<classes>_<size>); "
                    "with --generate, the image folder")
     p.add_argument("--classes", default=None, help=f"comma-separated classes (default {DEFAULT_CLASSES}; "
-                   f"any of {','.join(KNOWN_CLASSES)}); with --generate, a subset of the checkpoint's")
+                   f"any of {','.join(KNOWN_CLASSES)}; sampled balanced); with --generate, a subset "
+                   f"of the checkpoint's")
     p.add_argument("--size", type=int, default=112,
                    help=f"image size, one of {SUPPORTED_SIZES} (paper: 112)")
     p.add_argument("--channels", type=int, default=1, help="1 (grayscale) or 3 (the gray channel repeated)")
@@ -871,10 +928,13 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4,
                    help="threads decoding PNGs at preload; DataLoader workers with --no-fast")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="speed features (preloaded uint8 data; on CUDA channels_last, autocast, "
-                   "fused Adam); --no-fast: plain fp32 with PNGs decoded from disk each epoch")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="autocast on CUDA with --fast (bf16 if supported, else fp16 + GradScaler)")
+                   help="speed features (uint8 data preloaded when it takes at most half the free host "
+                   "memory; on CUDA channels_last, autocast, fused Adam); --no-fast: plain fp32 with "
+                   "PNGs decoded from disk each epoch")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast. Unset (auto): on with CUDA and --fast (bf16 if supported, else "
+                   "fp16 + GradScaler), off on the CPU. --amp on a CPU: bf16 autocast (to check that "
+                   "autocast changes results only by noise). --no-amp: fp32. --no-fast is always fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the two networks")
     p.add_argument("--random-data", action="store_true",
                    help="train on random tensors instead of images (benchmarking the input pipeline only)")

@@ -254,6 +254,112 @@ def test_no_fast_decodes_the_same_batches_and_random_data_runs(synth, tmp_path, 
     assert code == 0 and len(read_csv(tmp_path / "rnd/log.csv")) == 2
 
 
+@pytest.mark.parametrize("size", [112, 128])
+def test_other_sizes_train_from_64px_pngs(size, synth, tmp_path, capsys):
+    """--size 112 (the paper) and 128 run end to end; the 64 px PNGs are resized on load."""
+    out = tmp_path / "run"
+    code, _ = run_main(train_args(synth / "train", out, "--max-steps", "1") + ["--size", str(size)], capsys)
+    assert code == 0
+    assert all(math.isfinite(float(v)) for k, v in read_csv(out / "log.csv")[0].items() if k != "epoch")
+    with Image.open(out / "samples" / "step_000001.png") as im:       # 3 rows x 8 columns of S x S
+        assert im.size == (8 * (size + 2) + 2, 3 * (size + 2) + 2)
+
+
+def test_paper_defaults_and_adam_alternative():
+    """Paper 3.4: RMSprop, lr 1e-4, batch 32, 112 px; --optimizer adam is the alternative."""
+    args = acgan.check_args(acgan.parse_args(["--out", "x"]))
+    assert (args.optimizer, args.lr, args.batch_size, args.size) == ("rmsprop", 1e-4, 32, 112)
+    assert args.classes == CLASSES and args.amp is None                # --amp unset: auto
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    assert type(acgan.make_optimizer(args.optimizer, w, args.lr, fused=False)) is torch.optim.RMSprop
+    adam = acgan.check_args(acgan.parse_args(["--out", "x", "--optimizer", "adam"]))
+    opt = acgan.make_optimizer(adam.optimizer, w, adam.lr, fused=False)
+    assert type(opt) is torch.optim.Adam and opt.defaults["lr"] == 2e-4 and opt.defaults["betas"] == (0.5, 0.999)
+
+
+def test_help_states_the_class_imbalance_rule(capsys):
+    with pytest.raises(SystemExit) as e:
+        acgan.parse_args(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "balanced sampling" in text and "no class weights" in text
+
+
+def test_amp_on_cpu_is_bf16_finite_and_close_to_fp32(synth, tmp_path, capsys):
+    """Explicit --amp on a CPU: bf16 autocast (no GradScaler). Losses finite and, over 3 steps from
+    the same seed, within bf16 noise of the fp32 run; the checkpoint still holds fp32 weights."""
+    data = synth / "train"
+    assert run_main(train_args(data, tmp_path / "bf16", "--max-steps", "3", "--amp"), capsys)[0] == 0
+    assert run_main(train_args(data, tmp_path / "fp32", "--max-steps", "3", "--no-amp"), capsys)[0] == 0
+    import json
+    assert json.loads((tmp_path / "bf16/config.json").read_text())["amp"] == "bfloat16"
+    assert json.loads((tmp_path / "fp32/config.json").read_text())["amp"] == "off"
+    bf16, fp32 = read_csv(tmp_path / "bf16/log.csv"), read_csv(tmp_path / "fp32/log.csv")
+    assert len(bf16) == len(fp32) == 3
+    for a, b in zip(bf16, fp32):
+        for key in ("loss_d", "d_src_real", "d_src_fake", "d_cls_real", "d_cls_fake", "loss_g", "d_x", "d_g_z"):
+            assert math.isfinite(float(a[key]))
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=0.05, abs=0.02), key
+    ckpt = load(tmp_path / "bf16/checkpoints/last.pt")
+    for net in ("generator", "discriminator"):
+        assert all(v.dtype == torch.float32 for v in ckpt[net].values() if v.is_floating_point())
+    assert (tmp_path / "bf16/samples/step_000003.png").exists()
+    # the auto default is fp32 on the CPU, and --no-fast ignores --amp (plain fp32, with a note)
+    assert run_main(train_args(data, tmp_path / "auto", "--max-steps", "1"), capsys)[0] == 0
+    assert json.loads((tmp_path / "auto/config.json").read_text())["amp"] == "off"
+    acgan.main(train_args(data, tmp_path / "plain", "--max-steps", "1", "--no-fast", "--amp"))
+    assert "--amp is ignored" in capsys.readouterr().out
+    assert json.loads((tmp_path / "plain/config.json").read_text())["amp"] == "off"
+
+
+def test_preload_falls_back_to_disk_when_host_memory_is_short(synth, tmp_path, capsys, monkeypatch):
+    """Issue 8: a preload needing more than half the free host memory is replaced by the disk
+    (DataLoader) path, with one note; the run completes with the weights of a preloaded run.
+    The first log row holds the first --log-every steps (tests/bench.py times rows[1:])."""
+    data = synth / "train"
+    assert acgan.free_host_memory_bytes() > 0                      # this machine can tell
+    acgan.main(train_args(data, tmp_path / "pre", "--max-steps", "4", "--log-every", "2"))
+    assert "note: preloading" not in capsys.readouterr().out
+    monkeypatch.setattr(acgan, "free_host_memory_bytes", lambda: 100_000)   # < 2 x 24 x 64 x 64 bytes
+    acgan.main(train_args(data, tmp_path / "disk", "--max-steps", "4", "--log-every", "2"))
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: preloading")]
+    assert len(notes) == 1 and "reading PNGs from disk" in notes[0]
+    import json
+    assert json.loads((tmp_path / "disk/config.json").read_text())["preloaded"] is False
+    assert [int(r["step"]) for r in read_csv(tmp_path / "disk/log.csv")] == [2, 4]
+    pre, disk = load(tmp_path / "pre/checkpoints/last.pt"), load(tmp_path / "disk/checkpoints/last.pt")
+    assert_same_state(pre["generator"], disk["generator"])
+    monkeypatch.setattr(acgan, "free_host_memory_bytes", lambda: None)      # unknown: assume it fits
+    assert acgan.preload_fits(10 ** 15)
+
+
+def test_train_step_makes_no_host_sync(monkeypatch):
+    """Issue 8: no .item(), bool(tensor), float(tensor), .tolist() or nonzero in the hot step; the
+    loop reads its results only at log steps. Only calls made from acgan.py itself count (torch's
+    optimisers read their CPU step counters, which is no device sync)."""
+    calls = []
+    for name in ("item", "tolist", "nonzero", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            if sys._getframe(1).f_code.co_filename == acgan.__file__:
+                calls.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    torch.manual_seed(0)
+    G, D = acgan.Generator(3, 1, 64, g_channels=32), acgan.Discriminator(3, 1, 64, d_channels=8)
+    opt_g = acgan.make_optimizer("rmsprop", G.parameters(), acgan.RMSPROP_LR, fused=False)
+    opt_d = acgan.make_optimizer("adam", D.parameters(), acgan.ADAM_LR, fused=False)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    x = acgan.to_model_input(torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8), 1, False)
+    acgan.train_step(G, D, opt_g, opt_d, scaler, acgan.nullcontext(), x, torch.tensor([0, 1, 2, 0]),
+                     3, acgan.LATENT_DIM)
+    assert calls == []
+    torch.ones(()).item()                                          # the spy itself works ...
+    acgan.epoch_accuracies(3, 3, torch.ones(5))                    # ... and sees acgan.py's calls
+    assert calls == ["tolist"]
+
+
 def test_generate_writes_n_one_channel_pngs_per_class(synth, tmp_path, capsys):
     assert run_main(train_args(synth / "train", tmp_path / "run", "--max-steps", "1"), capsys)[0] == 0
     ckpt = tmp_path / "run/checkpoints/last.pt"
