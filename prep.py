@@ -39,6 +39,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 import zipfile
@@ -155,8 +156,12 @@ def write_png_atomic(array, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(array, mode="L").save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk mid-write: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomic(path, text):
@@ -186,6 +191,9 @@ def list_files(root):
             names = [n for n in zf.namelist() if not n.endswith("/")]
     elif root.is_dir():
         names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    elif root.suffix.lower() == ".zip":
+        raise UserError(f"{root} is not a readable zip file (an incomplete download?) — download it "
+                        "again, or extract it and pass the folder")
     else:
         raise UserError(f"{root} is neither a folder nor a zip file — pass the extracted dataset "
                         "folder or the downloaded .zip")
@@ -226,38 +234,59 @@ def convert_one(job):
     return relpath, None
 
 
-def run_jobs(jobs, workers):
-    """Convert all jobs; returns {relpath: error} for the files that could not be read."""
+POOL_MIN_JOBS = 64  # below this, starting the worker processes (~1 s each) costs more than it saves
+
+
+def _ignore_sigint():
+    """Pool initializer: Ctrl-C reaches every process; only the parent handles it (and stops
+    the workers), so the user sees one message instead of a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_jobs(func, jobs, workers, what="images"):
+    """Run func(job) -> (name, error or None) over all jobs with `workers` processes and a
+    progress line (count, rate, ETA) on stderr. Returns {name: error} for the jobs that failed.
+    The caller drops the jobs that are already done, so a finished re-run starts no process."""
     failed = {}
     n = len(jobs)
-    start = last = time.time()
+    if n == 0:
+        return failed
+    start = time.time()
+    first = last = None  # the rate is measured from the first finished job, after start-up
 
     def progress(done, final=False):
-        nonlocal last
+        nonlocal first, last
         now = time.time()
+        if first is None:
+            first = last = now
         if not final and now - last < 0.5:
             return
         last = now
-        rate = done / max(now - start, 1e-9)
-        eta = (n - done) / rate if rate > 0 else 0
-        end = "\n" if final else ""
-        print(f"\r  {done}/{n} images  {rate:.0f}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}  ",
-              end=end, file=sys.stderr, flush=True)
+        if done > 1 and now > first:
+            rate = (done - 1) / (now - first)
+            eta = (n - done) / rate
+            timing = f"{rate:.0f}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        else:
+            timing = "starting"
+        if final:
+            timing = f"{done / max(now - start, 1e-9):.0f}/s  {now - start:.1f} s"
+        print(f"\r  {done:,}/{n:,} {what}  {timing}  ", end="\n" if final else "",
+              file=sys.stderr, flush=True)
 
-    if workers <= 1 or n < 2 * workers:
-        results = map(convert_one, jobs)
-        pool = None
+    if workers <= 1 or n < POOL_MIN_JOBS:
+        pool, results = None, map(func, jobs)
     else:
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-        results = pool.imap_unordered(convert_one, jobs, chunksize=8)
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, n), initializer=_ignore_sigint)
+        results = pool.imap_unordered(func, jobs, chunksize=max(1, min(16, n // (8 * workers))))
     try:
-        for done, (relpath, err) in enumerate(results, 1):
+        for done, (name, err) in enumerate(results, 1):
             if err:
-                failed[relpath] = err
+                failed[name] = err
             progress(done)
     finally:
         if pool is not None:
             pool.terminate()
+            pool.join()
     progress(n, final=True)
     return failed
 
@@ -376,7 +405,7 @@ def find_kermany(files):
 def prep_kermany(args):
     files = list_files(args.path)
     root, entries = find_kermany(files)
-    print(f"kermany: reading {args.path}{'/' + root if root else ''} ({len(entries):,} images)")
+    print(f"kermany: reading {Path(args.path, root)} ({len(entries):,} images)")
     rows, unlabeled, used_names = [], [], set()
     for rel, m in entries:
         cls, patient = kermany_label(m.group("folder"), m.group("name"))
@@ -417,7 +446,7 @@ def prep_covid(args):
     if meta and not needed <= set(meta[0]):
         raise UserError(f"{root}/metadata.csv lacks the columns {sorted(needed - set(meta[0]))} — is it "
                         "the collection's own metadata.csv?")
-    rows, unlabeled = [], []
+    rows, unlabeled, seen, names = [], [], set(), set()
     for m in meta:
         view = (m["view"] or "").split(" ")[0].upper()  # "AP Supine" and "AP semi erect" are AP views
         if m["modality"] != "X-ray" or view not in ("PA", "AP"):
@@ -429,7 +458,15 @@ def prep_covid(args):
         if rel is None:
             unlabeled.append(f"images/{m['filename']} (listed in metadata.csv, file missing)")
             continue
-        rows.append({"path": f"train/covid/{Path(m['filename']).stem}.png", "split": "train",
+        if rel in seen:
+            unlabeled.append(f"{rel} (a second metadata.csv row for the same file)")
+            continue
+        seen.add(rel)
+        stem = Path(m["filename"]).stem
+        if stem in names:  # x.jpg and x.png would both become x.png
+            stem += "_" + Path(m["filename"]).suffix.lstrip(".").lower()
+        names.add(stem)
+        rows.append({"path": f"train/covid/{stem}.png", "split": "train",
                      "class": "covid", "patient": f"covid/{m['patientid']}",
                      "source": f"covid:{rel}", "_rel": rel})
     if not rows:
@@ -447,7 +484,12 @@ def finish(args, source_name, rows, unlabeled):
     check_settings(args.out, source_name, settings)
     out = Path(args.out)
     jobs = [(str(args.path), r["_rel"], str(out / r["path"]), args.size, args.crop, args.fit) for r in rows]
-    failed = run_jobs(jobs, args.workers)
+    todo = [j for j in jobs if not os.path.exists(j[2])]
+    if len(todo) < len(jobs):
+        print(f"  {len(jobs) - len(todo):,} images already done by an earlier run, {len(todo):,} to convert")
+    failed = run_jobs(convert_one, todo, args.workers)
+    for j in jobs:  # temp files that a run killed outright (power cut, kill -9) left behind
+        Path(j[2] + ".tmp").unlink(missing_ok=True)
     good = [{k: r[k] for k in MANIFEST_FIELDS} for r in rows if r["_rel"] not in failed]
     write_manifest(out, good, source_name)
     print(summary_table(good, f"{source_name}: {len(good):,} images written to {out}"))
@@ -456,7 +498,13 @@ def finish(args, source_name, rows, unlabeled):
     for u in unlabeled:
         print(f"  skipped {u}")
     if failed or unlabeled:
-        print(f"  {len(failed)} unreadable, {len(unlabeled)} without a label (listed above)")
+        counts = [f"{len(failed)} unreadable"] if failed else []
+        counts += [f"{len(unlabeled)} skipped for another reason"] if unlabeled else []
+        print(f"  {', '.join(counts)} (listed above)")
+    lost = sorted({r["class"] for r in rows} - {r["class"] for r in good}, key=CLASSES.index)
+    if lost:
+        raise UserError(f"none of the {', '.join(lost)} images in {args.path} could be read (listed "
+                        "above) — download the dataset again; the copy here looks broken")
     leaks = patient_leaks(good)
     if leaks:
         some = ", ".join(f"{p} in {'+'.join(s)}" for p, s in list(leaks.items())[:5])
@@ -583,20 +631,15 @@ def make_synthetic(out, n=200, size=128, seed=0, workers=1):
                 jobs.append((cls, size, (seed, ci, si, patient), (seed, ci, si, patient, i),
                              str(out / rows[-1]["path"])))
     check_settings(out, "synthetic", {"size": size, "n": n, "seed": seed})
-    if workers <= 1:
-        for job in jobs:
-            _write_synthetic(job)
-    else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            list(pool.imap_unordered(_write_synthetic, jobs, chunksize=16))
+    run_jobs(_write_synthetic, [j for j in jobs if not os.path.exists(j[-1])], workers)
     write_manifest(out, rows, "synthetic")
     return rows
 
 
 def _write_synthetic(job):
     cls, size, anatomy_seed, exposure_seed, path = job
-    if not os.path.exists(path):
-        write_png_atomic(synthetic_xray(cls, size, anatomy_seed, exposure_seed), path)
+    write_png_atomic(synthetic_xray(cls, size, anatomy_seed, exposure_seed), path)
+    return path, None
 
 
 def prep_synthetic(args):
@@ -628,7 +671,8 @@ def prep_check(args):
                 img.load()
                 sizes[img.size] += 1
                 modes[img.mode] += 1
-                by_hash[hashlib.sha1(img.tobytes()).hexdigest()].append(rel)
+                key = f"{img.mode}{img.size}".encode() + img.tobytes()  # same pixels, not same file
+                by_hash[hashlib.sha1(key).hexdigest()].append(rel)
             counts[(split, cls)] += 1
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             broken.append(f"{rel}: {type(e).__name__}: {e}".splitlines()[0])
@@ -647,6 +691,8 @@ def prep_check(args):
     within = [v for v in dups if len({r.split("/")[0] for r in v}) == 1]
     across = [v for v in dups if len({r.split("/")[0] for r in v}) > 1]
     print(f"  exact duplicates: {len(within)} groups within a split, {len(across)} across splits")
+    for v in within[:10]:
+        print(f"  duplicate within a split: {' = '.join(v)}")
     for v in across[:10]:
         print(f"  LEAK (same pixels in two splits): {' = '.join(v)}")
     problems += len(across)

@@ -3,8 +3,11 @@ import csv
 import collections
 import io
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -105,6 +108,24 @@ def test_kermany_layouts_labels_and_patients(tmp_path, layout):
     assert not prep.patient_leaks(rows)
 
 
+def test_kermany_prints_the_table_and_reports_a_patient_in_two_splits(tmp_path, capsys):
+    src = make_kaggle_tree(tmp_path / "src")
+    out = tmp_path / "data"
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"split +normal +bacterial +viral +total", text)
+    assert re.search(r"train +4 +4 +2 +10\n", text) and re.search(r"test +1 +1 +1 +3\n", text)
+    assert "patient check: no patient appears in two splits" in text
+    # A second image of train patient IM-0115 in the dataset's test folder: reported, and
+    # `check` on the result fails.
+    (src / "chest_xray" / "test" / "NORMAL" / "IM-0115-0002.jpeg").write_bytes(jpeg_bytes(99))
+    out = tmp_path / "leaky"
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 0
+    assert "WARNING: 1 patients appear in more than one split: IM-0115 in test+train" in capsys.readouterr().out
+    assert run(["check", out]) == 1
+    assert "LEAK patient IM-0115 in test and train" in capsys.readouterr().out
+
+
 def test_kermany_val_frac_is_patient_disjoint(tmp_path):
     src = make_kaggle_tree(tmp_path / "src")
     out = tmp_path / "data"
@@ -120,10 +141,14 @@ def test_kermany_val_frac_is_patient_disjoint(tmp_path):
     assert by_patient["bacteria/person12"] in ({"train"}, {"val"})  # its two images stay together
 
 
-def test_kermany_multiprocess_equals_single(tmp_path):
+def test_kermany_multiprocess_equals_single(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prep, "POOL_MIN_JOBS", 0)  # use the worker processes even for 13 images
     src = make_kaggle_tree(tmp_path / "src")
     run(["kermany", src, "--out", tmp_path / "a", "--size", 24, "--workers", 1])
+    capsys.readouterr()
     run(["kermany", src, "--out", tmp_path / "b", "--size", 24, "--workers", 2])
+    # The progress line: count, rate and (at the end) the time taken.
+    assert re.search(r"13/13 images  \d+/s  \d+\.\d s", capsys.readouterr().err)
     for r in read_rows(tmp_path / "a"):
         assert (tmp_path / "a" / r["path"]).read_bytes() == (tmp_path / "b" / r["path"]).read_bytes()
 
@@ -144,34 +169,43 @@ def test_truncated_and_garbage_files_are_skipped_and_listed(tmp_path, capsys):
     assert not list(out.rglob("*.tmp"))
 
 
-def test_rerun_is_idempotent_and_interrupted_run_continues(tmp_path, monkeypatch):
+def test_rerun_is_idempotent_and_interrupted_run_continues(tmp_path, monkeypatch, capsys):
     src = make_kaggle_tree(tmp_path / "src")
     ref = tmp_path / "ref"
     run(["kermany", src, "--out", ref, "--size", 16, "--workers", 1])
 
-    # Interrupt after 4 images (as Ctrl-C would), with a stale temp file lying around.
+    # Ctrl-C in the middle of writing the 5th PNG, after half of its bytes are on disk.
     out = tmp_path / "data"
-    real_write, calls = prep.write_png_atomic, []
+    real_save, saves = Image.Image.save, []
 
-    def flaky_write(array, path):
-        if len(calls) == 4:
+    def interrupted_save(self, fp, *args, **kwargs):
+        saves.append(fp)
+        if len(saves) == 5:
+            buf = io.BytesIO()
+            real_save(self, buf, *args, **kwargs)
+            Path(fp).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
             raise KeyboardInterrupt
-        calls.append(path)
-        real_write(array, path)
+        return real_save(self, fp, *args, **kwargs)
 
-    monkeypatch.setattr(prep, "write_png_atomic", flaky_write)
+    monkeypatch.setattr(Image.Image, "save", interrupted_save)
     assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 130
-    monkeypatch.setattr(prep, "write_png_atomic", real_write)
-    written = sorted(out.rglob("*.png"))
-    assert len(written) == 4
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert "run the same command again" in capsys.readouterr().err
+    half_written = Path(str(saves[4])[: -len(".tmp")])
+    assert len(list(out.rglob("*.png"))) == 4 and not half_written.exists()
+    assert not list(out.rglob("*.tmp"))  # the partial temp file was removed
+    assert not (out / "manifest.csv").exists()  # written once, at the end
+    # A temp file left by a run that was killed outright (no chance to clean up).
     stale = out / "test" / "normal" / "IM-0001-0001.png.tmp"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"half an image")
 
     assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 0
+    assert "4 images already done by an earlier run, 9 to convert" in capsys.readouterr().out
     for r in read_rows(ref):
         assert (out / r["path"]).read_bytes() == (ref / r["path"]).read_bytes()
     assert read_rows(out) == read_rows(ref)
+    assert not list(out.rglob("*.tmp"))
 
     # A third run writes nothing: every file keeps its modification time.
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
@@ -180,6 +214,42 @@ def test_rerun_is_idempotent_and_interrupted_run_continues(tmp_path, monkeypatch
 
     # Other settings into the same folder are refused instead of mixing sizes.
     assert run(["kermany", src, "--out", out, "--size", 32, "--workers", 1]) == 2
+
+
+def test_ctrl_c_stops_the_worker_processes_and_the_run_continues(tmp_path):
+    """A real interrupt: SIGINT to a running `prep.py kermany --workers 2` (a subprocess)."""
+    a = (np.add.outer(np.arange(600), np.arange(800)) % 256).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=90)
+    src = tmp_path / "chest_xray"
+    names = [f"NORMAL/IM-{i:04d}-0001.jpeg" for i in range(160)]
+    names += ["PNEUMONIA/person1_bacteria_1.jpeg", "PNEUMONIA/person1_virus_1.jpeg"]
+    for name in names:
+        (src / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / "train" / name).write_bytes(buf.getvalue())
+    out = tmp_path / "data"
+    cmd = [sys.executable, "prep.py", "kermany", str(src), "--out", str(out), "--size", "32", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not list(out.glob("train/*/*.png")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    done = len(list(out.rglob("*.png")))
+    assert 0 < done < len(names)  # stopped part-way
+    # Every finished PNG is complete; the same command finishes the rest.
+    assert run(["kermany", src, "--out", out, "--size", 32, "--workers", 1]) == 0
+    rows = read_rows(out)
+    assert len(rows) == len(names)
+    assert len({(out / r["path"]).read_bytes() for r in rows}) == 1  # same source, same bytes
+    expected = prep.preprocess(Image.open(io.BytesIO(buf.getvalue())), 32)
+    assert np.array_equal(np.asarray(Image.open(out / rows[0]["path"])), expected)
+    assert not list(out.rglob("*.tmp"))
 
 
 def pil_image(mode):
@@ -245,7 +315,39 @@ def test_square_fit_and_crop_to_body():
     assert prep.preprocess(Image.fromarray(body), 32, crop=True).shape == (32, 32)
 
 
-def test_covid_collection(tmp_path):
+def test_resize_is_antialiased():
+    # A one-pixel checkerboard shrunk 8x: an antialiased resize averages it to mid-gray,
+    # nearest-neighbour or plain bilinear sampling would keep (near) black and white pixels.
+    board = ((np.indices((256, 256)).sum(0) % 2) * 255).astype(np.uint8)
+    small = prep.preprocess(Image.fromarray(board), 32).astype(np.float64)
+    assert small.shape == (32, 32) and np.abs(small - 127.5).max() < 4
+
+
+def test_fit_and_crop_flags_on_the_command_line(tmp_path):
+    # A wide radiograph: dark air around a bright 'torso' that is off-centre.
+    a = np.full((60, 120), 20, np.uint8)
+    a[10:50, 10:50] = 220
+    src = make_kaggle_tree(tmp_path / "src")
+    target = src / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
+    target.unlink()
+    Image.fromarray(a).save(target.with_suffix(".png"))
+    name = "train/normal/IM-0115-0001.png"
+
+    def prepared(*flags):
+        out = tmp_path / "_".join(flags or ("default",))
+        assert run(["kermany", src, "--out", out, "--size", 30, "--workers", 1, *flags]) == 0
+        return np.asarray(Image.open(out / name)).astype(int)
+
+    center = prepared()  # --fit crop: the middle 60x60 of the 60x120 image, half of the torso
+    assert center.shape == (30, 30) and center[15, :5].mean() > 150 and center[15, -5:].mean() < 60
+    pad = prepared("--fit", "pad")  # the whole image, black bands above and below
+    assert pad[:7].max() == 0 and pad[-7:].max() == 0 and pad[15, 3:13].mean() > 150
+    body = prepared("--crop")  # cropped to the torso first: bright almost everywhere
+    assert body[3:-3, 3:-3].mean() > 200
+    assert (tmp_path / "--crop").is_dir()
+
+
+def test_covid_collection(tmp_path, capsys):
     root = tmp_path / "covid"
     (root / "images").mkdir(parents=True)
     rows = []
@@ -263,12 +365,17 @@ def test_covid_collection(tmp_path):
         (root / "images" / name).write_bytes(jpeg_bytes(i, mode="RGB"))
         rows.append({"patientid": str(i // 2), "finding": finding, "view": view, "modality": modality,
                      "folder": "images", "filename": name})
+    rows.append(dict(rows[0]))  # the same file listed twice: converted once
+    rows.append(dict(rows[0], filename="missing.jpg"))  # listed, but not in images/
     with open(root / "metadata.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     out = tmp_path / "data"
     assert run(["covid", root, "--out", out, "--size", 16, "--workers", 1, "--test-frac", 0.3]) == 0
+    text = capsys.readouterr().out
+    assert "skipped images/img0.jpg (a second metadata.csv row for the same file)" in text
+    assert "skipped images/missing.jpg (listed in metadata.csv, file missing)" in text
     got = read_rows(out)
     assert len(got) == 17 and all(r["class"] == "covid" for r in got)
     assert {r["split"] for r in got} == {"train", "test"}
@@ -279,7 +386,8 @@ def test_covid_collection(tmp_path):
     assert sources == {"covid": 17, "synthetic": 9}
 
 
-def test_synthetic_is_deterministic_and_laid_out(tmp_path):
+def test_synthetic_is_deterministic_and_laid_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "POOL_MIN_JOBS", 0)  # --workers 2 really uses two processes
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(["synthetic", "--out", a, "--n", 6, "--size", 32, "--seed", 3, "--workers", 1]) == 0
     assert run(["synthetic", "--out", b, "--n", 6, "--size", 32, "--seed", 3, "--workers", 2]) == 0
@@ -339,10 +447,18 @@ def test_check_reports_leaks_duplicates_and_broken_files(tmp_path, capsys):
     data = tmp_path / "syn2"
     src = data / "train" / "normal" / "normal_train_00000.png"
     (data / "test" / "normal" / "copy.png").write_bytes(src.read_bytes())
+    # Other bytes, same pixels, same split: a duplicate within a split (reported, not a failure).
+    other = data / "train" / "bacterial" / "bacterial_train_00001.png"
+    Image.open(other).save(data / "train" / "viral" / "same_pixels.png", compress_level=1)
+    assert (data / "train" / "viral" / "same_pixels.png").read_bytes() != other.read_bytes()
     (data / "test" / "viral" / "broken.png").write_bytes(src.read_bytes()[:40])
     assert run(["check", data]) == 1
     text = capsys.readouterr().out
     assert "LEAK (same pixels in two splits)" in text and "BROKEN test/viral/broken.png" in text
+    assert "exact duplicates: 1 groups within a split, 1 across splits" in text
+    assert ("duplicate within a split: train/bacterial/bacterial_train_00001.png = "
+            "train/viral/same_pixels.png") in text
+    assert "sizes: 16x16 (17)" in text and "modes: L (17)" in text
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
@@ -360,6 +476,20 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     for p in (src / "chest_xray").rglob("*virus*"):
         p.unlink()
     assert "no viral images" in error_of(["kermany", src, "--out", tmp_path / "o", "--workers", 1])
+    # Every image of a class unreadable (a broken download): listed, then an error.
+    src = make_kaggle_tree(tmp_path / "src2")
+    for p in (src / "chest_xray").rglob("*virus*"):
+        p.write_bytes(p.read_bytes()[:100])
+    assert run(["kermany", src, "--out", tmp_path / "o2", "--workers", 1]) == 2
+    text = capsys.readouterr()
+    assert "skipped unreadable chest_xray/train/PNEUMONIA/person1_virus_6.jpeg" in text.out
+    assert "3 unreadable (listed above)" in text.out
+    err = text.err.splitlines()[-1]  # after the progress line
+    assert err.startswith("error: none of the viral images") and "download the dataset again" in err
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "neither a folder nor a zip file" in error_of(["kermany", tmp_path / "notes.txt"])
+    (tmp_path / "archive.zip").write_bytes(b"PK\3\4 the first bytes of a download that stopped")
+    assert "not a readable zip file" in error_of(["kermany", tmp_path / "archive.zip"])
     assert "metadata.csv" in error_of(["covid", tmp_path / "flat"])
     err = error_of(["check", tmp_path / "missing"])
     assert "prep.py kermany" in err and "prep.py synthetic" in err
@@ -377,15 +507,29 @@ def test_command_line_runs_as_a_script(tmp_path):
 
 
 @pytest.mark.skipif(not (REAL_SAMPLE / "chest_xray").is_dir(), reason="real sample ../shared/xray absent")
-def test_real_kermany_sample_matches_its_manifest(tmp_path):
+def test_real_kermany_sample_matches_its_manifest(tmp_path, capsys):
     with open(REAL_SAMPLE / "manifest.csv", newline="") as f:
         sample = list(csv.DictReader(f))
     label = {"normal": "normal", "bacteria": "bacterial", "virus": "viral"}
     expected = collections.Counter((r["split"], label[r["label"]]) for r in sample)
     out = tmp_path / "data"
-    assert run(["kermany", REAL_SAMPLE / "chest_xray", "--out", out, "--size", 64, "--workers", 2]) == 0
+    # One process: the pool is tested elsewhere, and starting it costs more than 505 images.
+    assert run(["kermany", REAL_SAMPLE / "chest_xray", "--out", out, "--size", 64, "--workers", 1]) == 0
     rows = read_rows(out)
     assert collections.Counter((r["split"], r["class"]) for r in rows) == expected
+    # Every file of the sample's manifest, with its class and the patient key of the issue.
+    by_name = {r["source"].split("/")[-1]: r for r in rows}
+    assert set(by_name) == {r["filename"] for r in sample}
+    for r in sample:
+        got = by_name[r["filename"]]
+        assert got["class"] == label[r["label"]] and got["split"] == r["split"]
+        key = r["patient_id"] if r["label"] == "normal" else f"{r['label']}/{r['patient_id']}"
+        assert got["patient"] == key
+    # The printed table says the same.
+    text = capsys.readouterr().out
+    for split in ("train", "test"):
+        cells = " +".join(str(expected[(split, c)]) for c in ("normal", "bacterial", "viral"))
+        assert re.search(rf"{split} +{cells} +{sum(expected[(split, c)] for c in label.values())}\n", text)
     assert not prep.patient_leaks(rows)
     assert run(["check", out]) == 0
 
