@@ -81,7 +81,10 @@ SAMPLE_COUNT = 4             # fixed images per domain in the sample grids
 TRANSLATE_BATCH = 16         # images per forward pass in --translate and --eval-every
 RANDOM_DATA_STEPS_PER_EPOCH = 1000   # --random-data has no folder to count, so an epoch is this
 PRELOAD_GPU_FRACTION = 0.5   # preload the data set on the GPU when it takes less of the free memory
+PRELOAD_HOST_FRACTION = 0.5  # ... and at all only when it takes less of the free host memory (issue 8)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# What PIL raises for a file that is not a readable image (a broken PNG chunk is a SyntaxError).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 MAKE_DATA = ("make it with `python prep.py kermany PATH --out data` (real X-rays) or "
              "`python prep.py synthetic` (phantoms, then --data data/synthetic/train)")
 
@@ -463,9 +466,26 @@ def open_gray(path):
     try:
         with Image.open(path) as im:
             return im.convert("L")
-    except (OSError, ValueError) as e:
+    except UNREADABLE as e:
         raise UserError(f"cannot read image {path} ({e}) — delete it, or make the folder again "
                         f"with prep.py") from None
+
+
+def check_images(paths, workers=1):
+    """A UserError naming the first broken file, before training reads the images from disk. PIL's
+    verify() reads each file and checks its PNG chunk checksums without decoding the pixels (about
+    0.1 ms per 256 px image), so a truncated or damaged file fails now, not in the middle of an
+    epoch in a DataLoader worker."""
+    def verify(path):
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except UNREADABLE as e:
+            raise UserError(f"cannot read image {path} ({e}) — delete it, or make the folder again "
+                            f"with prep.py") from None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(verify, paths))
 
 
 def load_image(path, size):
@@ -481,6 +501,34 @@ def load_images(paths, size, workers=1):
     """Many images as one (N, 1, size, size) uint8 tensor, decoded by `workers` threads."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return torch.stack(list(pool.map(lambda p: load_image(p, size), paths)))
+
+
+def free_host_memory_bytes():
+    """Host memory available now, in bytes: MemAvailable of /proc/meminfo on Linux (free memory
+    plus caches the kernel can drop), else free pages x page size; None when neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024               # the file counts kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def preload_fits(n_images, load_size):
+    """Whether n_images one-channel uint8 images of load_size^2 take at most PRELOAD_HOST_FRACTION
+    of the free host memory (Kermany normal + viral at 286 px: 2,686 x 286^2 = 0.22 GB). If not, says
+    so in one line and the caller reads the PNGs from disk instead. Unknown free memory: assume it fits."""
+    need, free = n_images * load_size * load_size, free_host_memory_bytes()
+    if free is None or need <= PRELOAD_HOST_FRACTION * free:
+        return True
+    print(f"note: preloading {need / 1e9:.3g} GB of uint8 images needs more than half of the "
+          f"{free / 1e9:.3g} GB of free host memory; reading PNGs from disk each epoch instead (slower)")
+    return False
 
 
 def random_crop_flip(image, top, left, size, flip):
@@ -512,8 +560,12 @@ def epoch_plan(n_images, n_rows, crop_range, flip, generator):
 
 
 class PlanDataset(torch.utils.data.Dataset):
-    """The --no-fast pipeline: each item decodes its src and dst PNG from disk (in --workers
-    processes) and crops them as the epoch plan says."""
+    """The disk pipeline (--no-fast, or too little host memory to preload): each item decodes its
+    src and dst PNG from disk (in --workers processes) and crops them as the epoch plan says.
+
+    An image that cannot be read gives its UserError message (a str) instead of the pair, which
+    collate_or_error passes on: raised inside a worker process, the error would reach the main
+    process wrapped in the worker's traceback, not as the one-line error."""
 
     def __init__(self, src_paths, dst_paths, src_plan, dst_plan, load_size, size, first_row):
         self.paths = {"src": src_paths, "dst": dst_paths}
@@ -530,7 +582,16 @@ class PlanDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.first_row + i
-        return self._image("src", row), self._image("dst", row)
+        try:
+            return self._image("src", row), self._image("dst", row)
+        except UserError as e:
+            return str(e)
+
+
+def collate_or_error(items):
+    """The DataLoader's collate_fn: a batch of (src, dst) pairs, or the first error message in it."""
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.utils.data.default_collate(items)
 
 
 class UnpairedImages:
@@ -541,8 +602,9 @@ class UnpairedImages:
 
     The epoch plan (order, crops, flips) is a pure function of (seed, epoch), so a resumed run
     replays exactly the batches an uninterrupted one would. With fast=True the images are decoded
-    once into a uint8 tensor at the jitter size (on the GPU when it fits) and cropped there; with
-    fast=False a DataLoader decodes the PNGs from disk every epoch. Both give the same batches.
+    once into a uint8 tensor at the jitter size (on the GPU when it fits) and cropped there, unless
+    that would take more than half of the free host memory (issue 8); with fast=False, or then, a
+    DataLoader decodes the PNGs from disk every epoch. Both give the same batches.
     """
 
     def __init__(self, src_paths, dst_paths, size, batch_size, flip, seed, fast, workers, device):
@@ -554,9 +616,12 @@ class UnpairedImages:
         if self.steps_per_epoch == 0:
             raise UserError(f"--batch-size {batch_size} is larger than both classes "
                             f"({len(src_paths)} and {len(dst_paths)} images) — use a smaller one")
-        if fast:
+        self.preloaded = fast and preload_fits(len(src_paths) + len(dst_paths), self.load_size)
+        if self.preloaded:
             self.src_images = self._preload(src_paths)  # (N_src, 1, L, L) uint8
             self.dst_images = self._preload(dst_paths)  # (N_dst, 1, L, L) uint8
+        else:
+            check_images(src_paths + dst_paths, workers)   # fail now, not in a DataLoader worker
         # Fixed inputs for the sample grids: the first images of each class, whole, not jittered.
         self.fixed_src = load_images(src_paths[:SAMPLE_COUNT], size, workers)
         self.fixed_dst = load_images(dst_paths[:SAMPLE_COUNT], size, workers)
@@ -576,12 +641,16 @@ class UnpairedImages:
         n_rows, crop_range = self.steps_per_epoch * self.batch_size, self.load_size - self.size
         src_plan = epoch_plan(len(self.src_paths), n_rows, crop_range, self.flip, generator)
         dst_plan = epoch_plan(len(self.dst_paths), n_rows, crop_range, self.flip, generator)
-        if not self.fast:
+        if not self.preloaded:
             dataset = PlanDataset(self.src_paths, self.dst_paths, src_plan, dst_plan,
                                   self.load_size, self.size, first_step * self.batch_size)
             # Its own generator, so that starting the loader leaves the global RNG alone (resume).
-            yield from torch.utils.data.DataLoader(dataset, self.batch_size, num_workers=self.workers,
-                                                   generator=torch.Generator())
+            loader = torch.utils.data.DataLoader(dataset, self.batch_size, num_workers=self.workers,
+                                                 collate_fn=collate_or_error, generator=torch.Generator())
+            for batch in loader:
+                if isinstance(batch, str):                 # an image a worker could not read
+                    raise UserError(batch)
+                yield batch
             return
         for step in range(first_step, self.steps_per_epoch):
             rows = range(step * self.batch_size, (step + 1) * self.batch_size)
@@ -900,8 +969,10 @@ def train(args):
               f"try --size {CPU_SUGGESTED_SIZE} for a first run")
     cuda = device.type == "cuda"
     # Speed switches (--fast, the default): mixed precision, channels_last, cuDNN autotuning.
-    use_amp = args.fast and args.amp and cuda
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    # Autocast: --amp None (auto) means on with CUDA, off on a CPU; an explicit --amp on a CPU runs
+    # bf16 autocast there too, to check that it changes the losses only by noise (tests/bench.py).
+    use_amp = args.fast and (cuda if args.amp is None else args.amp)
+    amp_dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
     memory_format = torch.channels_last if args.fast and cuda else torch.contiguous_format
     torch.backends.cudnn.benchmark = args.fast and cuda
 
@@ -1188,8 +1259,10 @@ def parse_args(argv=None):
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="preloaded data cropped on the device, mixed precision, channels_last, fused Adam; "
                         "--no-fast: fp32, PNGs decoded by a DataLoader every epoch")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision on CUDA (bf16 where supported, else fp16), with --fast")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast; None: on with CUDA (bf16 where supported, else fp16 with a grad "
+                        "scaler), off on a CPU. --amp on a CPU: bf16 autocast there; --no-amp: fp32. "
+                        "Needs --fast")
     g.add_argument("--compile", action="store_true", help="torch.compile the four networks")
     g = p.add_argument_group("translate (instead of training)")
     g.add_argument("--translate", metavar="DIR", default=None, help="translate every image in DIR")
@@ -1225,6 +1298,8 @@ def check_args(args):
         raise UserError(f"--decay-epochs {args.decay_epochs} is more than --epochs {args.epochs} — lower it")
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError("--max-steps must be at least 1")
+    if args.amp and not args.fast:
+        raise UserError("--amp goes with --fast; --no-fast is the plain fp32 run — leave out one of them")
     if args.eval_every and args.random_data:
         raise UserError("--eval-every needs real images — leave out --random-data")
     if args.out is None:
