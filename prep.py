@@ -10,9 +10,10 @@ made square, resized and written as PNG into one layout (see DESIGN.md):
 
 Commands:
 
-    python prep.py synthetic                      # phantom X-rays in seconds, no download
-    python prep.py kermany ~/Downloads/archive.zip --out data --size 256
-    python prep.py covid covid-chestxray-dataset --out data
+    python prep.py synthetic                      # 750 phantom X-rays in data/synthetic, no download
+    python prep.py kermany ~/Downloads/archive.zip --out data --size 256    # the zip, read in place
+    python prep.py kermany chest_xray --out data --size 256 --crop --val-frac 0.1
+    python prep.py covid covid-chestxray-dataset --out data --size 256 --test-frac 0.2
     python prep.py check data                     # counts, sizes, broken files, duplicates, leakage
 
 Sources:
@@ -102,14 +103,25 @@ def otsu_threshold(gray):
     return int(np.argmax(between))
 
 
+CROP_MASK_SIDE = 512  # find the body on a copy at most this long: same box, ~6x less work on originals
+
+
 def crop_to_body(gray, min_area=0.1):
     """Crop to the bounding box of the largest bright connected region (the torso).
 
     As the AC-GAN paper crops to the torso: Otsu threshold on a blurred copy, a morphological
     opening to cut thin links (labels, wires), the largest component by scipy.ndimage.label.
     If that component covers less than `min_area` of the image the image is returned unchanged.
+    Images longer than CROP_MASK_SIDE are searched on a box-filtered smaller copy and the box is
+    scaled back (outwards), so the crop itself keeps the full resolution.
     """
-    smooth = ndimage.gaussian_filter(gray.astype(np.float32), sigma=2)
+    h, w = gray.shape
+    scale = min(1.0, CROP_MASK_SIDE / max(h, w))
+    small = gray
+    if scale < 1:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        small = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BOX))
+    smooth = ndimage.gaussian_filter(small.astype(np.float32), sigma=2)
     mask = smooth > otsu_threshold(np.clip(smooth, 0, 255).astype(np.uint8))
     mask = ndimage.binary_opening(mask, iterations=2)
     labels, n = ndimage.label(mask)
@@ -117,10 +129,13 @@ def crop_to_body(gray, min_area=0.1):
         return gray
     sizes = np.bincount(labels.ravel())[1:]
     largest = int(np.argmax(sizes)) + 1
-    if sizes[largest - 1] < min_area * gray.size:
+    if sizes[largest - 1] < min_area * small.size:
         return gray
     rows, cols = ndimage.find_objects(labels)[largest - 1]
-    return gray[rows, cols]
+    sy, sx = h / small.shape[0], w / small.shape[1]
+    top, bottom = int(rows.start * sy), min(h, int(np.ceil(rows.stop * sy)))
+    left, right = int(cols.start * sx), min(w, int(np.ceil(cols.stop * sx)))
+    return gray[top:bottom, left:right]
 
 
 def make_square(gray, fit):
@@ -508,7 +523,8 @@ def finish(args, source_name, rows, unlabeled):
     leaks = patient_leaks(good)
     if leaks:
         some = ", ".join(f"{p} in {'+'.join(s)}" for p, s in list(leaks.items())[:5])
-        print(f"  WARNING: {len(leaks)} patients appear in more than one split: {some}")
+        more = ", ..." if len(leaks) > 5 else ""
+        print(f"  WARNING: patient ids in more than one split: {len(leaks):,} ({some}{more})")
     else:
         print("  patient check: no patient appears in two splits")
     return 0
@@ -727,30 +743,31 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Prepare chest X-ray datasets in one layout.", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(q, out_default, size_default):
+    def common(q, out_default, size_default, seed_help, work):
         q.add_argument("--out", default=out_default, help="output DATA folder")
         q.add_argument("--size", type=int, default=size_default, help="output side length in pixels")
-        q.add_argument("--seed", type=int, default=0, help="seed for random splits")
+        q.add_argument("--seed", type=int, default=0, help=seed_help)
         q.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                       help="processes used to decode and resize")
+                       help=f"processes that {work} (default: the CPU count, at most 8; here %(default)s)")
 
-    def real(q):
-        common(q, "data", 256)
+    def real(q, seed_help):
+        common(q, "data", 256, seed_help, "decode and resize")
         q.add_argument("--crop", action="store_true", help="crop to the body (largest bright region) first")
         q.add_argument("--fit", choices=("crop", "pad"), default="crop",
                        help="make square by centre-cropping the long side or padding the short side")
 
     k = sub.add_parser("kermany", help="the Kermany / Kaggle chest-xray-pneumonia set", formatter_class=fmt)
     k.add_argument("path", help="the extracted folder (any level above train/) or the .zip")
-    real(k)
+    real(k, "seed of the --val-frac patient draw")
     k.add_argument("--val-frac", type=float, default=0.0,
-                   help="carve a patient-disjoint val split of this fraction out of train")
+                   help="carve a patient-disjoint val split with this fraction of the train patients "
+                        "out of train (0: no val split; the dataset's 16 val images join train)")
     c = sub.add_parser("covid", help="the COVID-19 image data collection", formatter_class=fmt)
     c.add_argument("path", help="folder with metadata.csv and images/")
-    real(c)
+    real(c, "seed of the --test-frac patient draw")
     c.add_argument("--test-frac", type=float, default=0.2, help="fraction of patients in the test split")
     s = sub.add_parser("synthetic", help="procedural phantom X-rays (no download)", formatter_class=fmt)
-    common(s, "data/synthetic", 128)
+    common(s, "data/synthetic", 128, "seed of the phantom set (same seed, same bytes)", "draw and write")
     s.add_argument("--n", type=int, default=200, help="train images per class (test gets n/4)")
     ch = sub.add_parser("check", help="counts, sizes, broken files, duplicates, patient leakage",
                         formatter_class=fmt)

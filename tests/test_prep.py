@@ -62,6 +62,15 @@ def make_kaggle_tree(root, prefix="chest_xray"):
     return root
 
 
+def zip_tree(src, zpath):
+    """The tree as a zip file, as downloaded (paths inside are relative to src)."""
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(src).as_posix())
+    return zpath
+
+
 def read_rows(data):
     with open(Path(data) / "manifest.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -88,12 +97,7 @@ def test_kermany_layouts_labels_and_patients(tmp_path, layout):
     if layout == "nested":  # the Kaggle zip's duplicate chest_xray/chest_xray copy
         make_kaggle_tree(tmp_path / "src" / "chest_xray", prefix="chest_xray")
     if layout == "zip":
-        zpath = tmp_path / "archive.zip"
-        with zipfile.ZipFile(zpath, "w") as zf:
-            for p in sorted(src.rglob("*")):
-                if p.is_file():
-                    zf.write(p, p.relative_to(src).as_posix())
-        src = zpath
+        src = zip_tree(src, tmp_path / "archive.zip")
     if layout == "inner":  # the user points at chest_xray/ itself
         src = src / "chest_xray"
     out = tmp_path / "data"
@@ -121,7 +125,8 @@ def test_kermany_prints_the_table_and_reports_a_patient_in_two_splits(tmp_path, 
     (src / "chest_xray" / "test" / "NORMAL" / "IM-0115-0002.jpeg").write_bytes(jpeg_bytes(99))
     out = tmp_path / "leaky"
     assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 0
-    assert "WARNING: 1 patients appear in more than one split: IM-0115 in test+train" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "WARNING: patient ids in more than one split: 1 (IM-0115 in test+train)" in text
     assert run(["check", out]) == 1
     assert "LEAK patient IM-0115 in test and train" in capsys.readouterr().out
 
@@ -141,15 +146,19 @@ def test_kermany_val_frac_is_patient_disjoint(tmp_path):
     assert by_patient["bacteria/person12"] in ({"train"}, {"val"})  # its two images stay together
 
 
-def test_kermany_multiprocess_equals_single(tmp_path, monkeypatch, capsys):
+def test_kermany_multiprocess_from_the_zip_equals_single_process(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prep, "POOL_MIN_JOBS", 0)  # use the worker processes even for 13 images
     src = make_kaggle_tree(tmp_path / "src")
-    run(["kermany", src, "--out", tmp_path / "a", "--size", 24, "--workers", 1])
+    zpath = zip_tree(src, tmp_path / "archive.zip")
+    assert run(["kermany", src, "--out", tmp_path / "a", "--size", 24, "--workers", 1]) == 0
     capsys.readouterr()
-    run(["kermany", src, "--out", tmp_path / "b", "--size", 24, "--workers", 2])
+    # Two processes, each reading the zip in place.
+    assert run(["kermany", zpath, "--out", tmp_path / "b", "--size", 24, "--workers", 2]) == 0
     # The progress line: count, rate and (at the end) the time taken.
     assert re.search(r"13/13 images  \d+/s  \d+\.\d s", capsys.readouterr().err)
-    for r in read_rows(tmp_path / "a"):
+    rows = read_rows(tmp_path / "a")
+    assert [r["path"] for r in rows] == [r["path"] for r in read_rows(tmp_path / "b")]
+    for r in rows:
         assert (tmp_path / "a" / r["path"]).read_bytes() == (tmp_path / "b" / r["path"]).read_bytes()
 
 
@@ -228,7 +237,8 @@ def test_ctrl_c_stops_the_worker_processes_and_the_run_continues(tmp_path):
         (src / "train" / name).parent.mkdir(parents=True, exist_ok=True)
         (src / "train" / name).write_bytes(buf.getvalue())
     out = tmp_path / "data"
-    cmd = [sys.executable, "prep.py", "kermany", str(src), "--out", str(out), "--size", "32", "--workers", "2"]
+    cmd = [sys.executable, "prep.py", "kermany", str(src), "--out", str(out), "--size", "32",
+           "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
@@ -313,6 +323,12 @@ def test_square_fit_and_crop_to_body():
     cropped = prep.crop_to_body(body)
     assert abs(cropped.shape[0] - 60) <= 3 and abs(cropped.shape[1] - 70) <= 3
     assert prep.preprocess(Image.fromarray(body), 32, crop=True).shape == (32, 32)
+    # An original-size radiograph: the box is found on a smaller copy, then scaled back.
+    big = np.full((1000, 1200), 10, np.uint8)
+    big[200:800, 300:1000] = 200
+    big[20:60, 20:60] = 255
+    h, w = prep.crop_to_body(big).shape
+    assert 600 <= h <= 604 and 700 <= w <= 704
 
 
 def test_resize_is_antialiased():
