@@ -333,6 +333,11 @@ def check_settings(data, source_name, settings):
     """Refuse to mix images made with different settings in one folder."""
     path = Path(data) / "prep.json"
     record = json.loads(path.read_text()) if path.exists() else {}
+    other = {k: v["size"] for k, v in record.items() if k != source_name and v.get("size") != settings["size"]}
+    if other:
+        name, size = next(iter(other.items()))
+        raise UserError(f"{data} already holds {name} images at {size} px — use --size {size} to add "
+                        f"{source_name} images to it, or another --out")
     old = record.get(source_name)
     if old is not None and old != settings:
         diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
@@ -411,8 +416,7 @@ def find_kermany(files):
         if m:
             groups[m.group("root")].append((rel, m))
     if not groups:
-        raise UserError("no chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}/ images found — pass the "
-                        "folder or .zip of the Kaggle 'chest-xray-pneumonia' / Mendeley Kermany set")
+        return None, []
     root = max(groups, key=lambda g: (len(groups[g]), -g.count("/")))
     return root, groups[root]
 
@@ -420,6 +424,11 @@ def find_kermany(files):
 def prep_kermany(args):
     files = list_files(args.path)
     root, entries = find_kermany(files)
+    if not entries:
+        raise UserError(f"no images in the expected layout {{train,test,val}}/{{NORMAL,PNEUMONIA}}/*.jpeg "
+                        f"under {args.path} ({len(files):,} image files found elsewhere) — pass the "
+                        "Kaggle 'chest-xray-pneumonia' zip or the chest_xray folder that holds train/ "
+                        "and test/ (or any folder above it)")
     print(f"kermany: reading {Path(args.path, root)} ({len(entries):,} images)")
     rows, unlabeled, used_names = [], [], set()
     for rel, m in entries:

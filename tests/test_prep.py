@@ -396,8 +396,12 @@ def test_covid_collection(tmp_path, capsys):
     assert len(got) == 17 and all(r["class"] == "covid" for r in got)
     assert {r["split"] for r in got} == {"train", "test"}
     assert not prep.patient_leaks(got)
-    # A second source in the same folder keeps the first one's manifest rows.
-    run(["synthetic", "--out", out, "--n", 2, "--size", 16, "--workers", 1])
+    # A second source in the same folder keeps the first one's manifest rows; at another size
+    # it is refused (one folder, one image size).
+    capsys.readouterr()
+    assert run(["synthetic", "--out", out, "--n", 2, "--size", 32, "--workers", 1]) == 2
+    assert "already holds covid images at 16 px — use --size 16" in capsys.readouterr().err
+    assert run(["synthetic", "--out", out, "--n", 2, "--size", 16, "--workers", 1]) == 0
     sources = collections.Counter(r["source"].split(":")[0] for r in read_rows(out))
     assert sources == {"covid": 17, "synthetic": 9}
 
@@ -487,7 +491,11 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "does not exist" in error_of(["kermany", tmp_path / "nope"])
     (tmp_path / "flat").mkdir()
     Image.new("L", (8, 8)).save(tmp_path / "flat" / "a.png")
-    assert "chest_xray/{train,test,val}" in error_of(["kermany", tmp_path / "flat"])
+    err = error_of(["kermany", tmp_path / "flat"])
+    assert "{train,test,val}/{NORMAL,PNEUMONIA}" in err and "1 image files found elsewhere" in err
+    # One level too deep (chest_xray/train): the layout is not there either.
+    src = make_kaggle_tree(tmp_path / "deep")
+    assert "{train,test,val}/{NORMAL,PNEUMONIA}" in error_of(["kermany", src / "chest_xray" / "train"])
     src = make_kaggle_tree(tmp_path / "src")
     for p in (src / "chest_xray").rglob("*virus*"):
         p.unlink()
