@@ -77,6 +77,7 @@ GRID = 8                   # samples/step_*.png is a GRID x GRID grid
 RANDOM_DATA_IMAGES = 1024  # --random-data: the "dataset size" that defines an epoch
 EVAL_SEED_OFFSET = 1       # eval noise uses seed + 1, so it differs from the sample-grid noise
 EPOCH_SEED_STRIDE = 100003  # epoch order seed = seed * stride + epoch (a pure function of both)
+PRELOAD_MAX_SHARE = 0.5    # preload only when the images take at most half of the free host memory
 MAKE_DATA = "make it with `python prep.py kermany PATH` or `python prep.py synthetic --out data`"
 
 
@@ -368,6 +369,34 @@ def load_images(paths, size, channels, workers):
         return torch.stack(list(pool.map(lambda p: load_image(p, size, channels), paths)))
 
 
+def free_host_memory_bytes():
+    """Host memory available now, in bytes: MemAvailable of /proc/meminfo on Linux, free pages
+    elsewhere, None when neither can be read (then the caller assumes the images fit)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def preload_fits(n_bytes):
+    """Can n_bytes of uint8 images be held in host memory? Issue 8: the whole Kermany set at 256 px
+    (about 0.4 GB) should, and the loader falls back to reading from disk when it does not."""
+    free = free_host_memory_bytes()
+    if free is None or n_bytes <= PRELOAD_MAX_SHARE * free:
+        return True
+    print(f"note: preloading {n_bytes / 1e9:.2f} GB of uint8 images needs more than half of the "
+          f"{free / 1e9:.2f} GB of free host memory; reading PNGs from disk each epoch instead "
+          "(slower)")
+    return False
+
+
 def epoch_batches(n_images, batch_size, seed, epoch):
     """The image indices of one epoch, (iters, batch_size): a pure function of (seed, epoch).
 
@@ -425,8 +454,14 @@ class BatchSource:
             return
         batches = epoch_batches(self.n_images, self.batch_size, self.seed, epoch)[skip:]
         if self.mode == "preload":
+            if self.images.is_cuda:  # the epoch's indices in one asynchronous copy: a blocking
+                # .to() of each batch's indices would wait for the GPU at every step (a host sync)
+                batches = batches.pin_memory().to(self.images.device, non_blocking=True)
             for idx in batches:
-                yield self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
+                batch = self.images[idx]  # (B, C, S, S) uint8, one gather
+                if self.device.type == "cuda" and not batch.is_cuda:
+                    batch = batch.pin_memory()  # so that the copy below is truly asynchronous
+                yield batch.to(self.device, non_blocking=True)
             return
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches.tolist(), num_workers=self.workers,
@@ -622,9 +657,14 @@ def train(args, argv):
         print(f"warning: training on the CPU is slow; for a quick try use --size 32 "
               f"(now {args.size}) or a GPU")
     fast = args.fast
-    use_amp = fast and args.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    amp = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+    # --amp auto (no flag): autocast with CUDA + --fast, fp32 on the CPU. An explicit --amp on a
+    # CPU gives bf16 autocast there, so "autocast changes results only by noise" can be checked
+    # anywhere. bf16 where supported, else fp16 (which needs the GradScaler below).
+    use_amp = fast and (args.amp if args.amp is not None else device.type == "cuda")
+    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    amp_dtype = torch.bfloat16 if bf16 else torch.float16
+    amp = (torch.autocast(device.type, dtype=amp_dtype) if use_amp
+           else contextlib.nullcontext())
     channels_last = fast and device.type == "cuda"
     if fast and device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the shapes never change: let cuDNN pick kernels
@@ -640,7 +680,9 @@ def train(args, argv):
         if len(paths) < args.batch_size:
             raise UserError(f"{args.data}/{args.cls} has {len(paths)} images, fewer than "
                             f"--batch-size {args.batch_size} — lower --batch-size")
-        if fast or args.eval_every:
+        # Decoded once for --fast and for the evaluator's real side, when host memory allows.
+        n_bytes = len(paths) * args.channels * args.size ** 2  # uint8: one byte per value
+        if (fast or args.eval_every) and preload_fits(n_bytes):
             real_uint8 = load_images(paths, args.size, args.channels, args.workers)
         else:  # the plain path still checks every file once, so a broken PNG fails now
             for p in paths:
@@ -650,12 +692,17 @@ def train(args, argv):
                 except (OSError, SyntaxError, ValueError) as e:
                     raise UserError(f"cannot read image {p} ({e}) — delete or re-create it "
                                     f"({MAKE_DATA})")
-        source = BatchSource("preload" if fast else "disk", len(paths), args.batch_size,
+        mode = "preload" if fast and real_uint8 is not None else "disk"
+        source = BatchSource(mode, len(paths), args.batch_size,
                              args.seed, device, images=real_uint8, paths=paths,
                              image_shape=image_shape, workers=args.workers)
         print(f"data: {len(paths)} images of class {args.cls} from {args.data}, "
               f"{source.iters} iterations per epoch")
-    evaluator = build_evaluator(real_uint8, args, device) if args.eval_every else None
+    if args.eval_every:  # the real images in memory, or else metrics.py reads the class folder
+        real = real_uint8 if real_uint8 is not None else Path(args.data) / args.cls
+        evaluator = build_evaluator(real, args, device)
+    else:
+        evaluator = None
 
     # Models and optimizers. The global RNG, seeded here, initialises the weights and later
     # draws z and the dropout masks.
@@ -721,7 +768,7 @@ def train(args, argv):
     last_check = step  # the last step at which all_finite was looked at (and was true)
     window = torch.zeros(len(STAT_NAMES), device=device)  # sums of the stats since the last log
     window_steps = 0
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     t_window, t_other = time.perf_counter(), 0.0  # t_other: time spent on samples/eval/saving
     try:
         while step < total_steps:
@@ -849,8 +896,10 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="threads that decode PNGs at preload; DataLoader workers with --no-fast")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="CUDA autocast (bf16 if supported, else fp16 + GradScaler)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast; default (auto): on with CUDA and --fast (bf16 if supported, "
+                        "else fp16 + GradScaler), off on a CPU. --amp on a CPU: bf16 autocast; "
+                        "--no-amp: fp32. Needs --fast")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="speed switches: preloaded uint8 data, channels_last, autocast, fused "
                         "Adam; --no-fast is the plain fp32 variant that reads PNGs every epoch")
@@ -896,6 +945,8 @@ def check_args(args):
         raise UserError(f"training needs --cls, one of {', '.join(CLASSES)}")
     if not 0 <= args.dropout < 1 or not 0 <= args.label_smoothing < 0.5:
         raise UserError("--dropout must be in [0, 1) and --label-smoothing in [0, 0.5)")
+    if args.amp and not args.fast:
+        raise UserError("--amp needs --fast (--no-fast is the plain fp32 run) — drop one of them")
     if args.random_data and args.eval_every:
         raise UserError("--eval-every needs real images — drop --random-data")
     if args.eval_every and args.eval_n < 2:
