@@ -313,6 +313,70 @@ def test_fast_and_plain_pipelines_feed_the_same_batches(synth, tmp_path):
         assert rows["--fast"][key] == rows["--no-fast"][key], key
 
 
+def test_amp_on_cpu_is_bf16_autocast_close_to_fp32(synth, tmp_path):
+    """--amp on a CPU turns on bf16 autocast (issue 8): finite losses, fp32 weights in the
+    checkpoint, and the first step's losses (before any update) within bf16 rounding of fp32."""
+    rows, configs = {}, {}
+    for flag in ("--amp", "--no-amp"):
+        out = tmp_path / flag
+        assert run_main(["--data", str(synth / "train"), "--cls", "normal", "--out", str(out),
+                         *FAST, "--max-steps", "2", "--log-every", "1", "--sample-every", "2",
+                         flag]) == 0
+        rows[flag] = read_rows(out / "log.csv")
+        configs[flag] = json.loads((out / "config.json").read_text())["amp"]
+    assert configs == {"--amp": "bfloat16", "--no-amp": "off"}
+    assert all(np.isfinite(float(v)) for r in rows["--amp"] for v in r.values())
+    for key in ("loss_d", "loss_g", "d_x", "d_g_z1"):  # seed 0 vs seed 1 differ by 0.1 to 1 here
+        assert abs(float(rows["--amp"][0][key]) - float(rows["--no-amp"][0][key])) < 0.05, key
+    ckpt = load(tmp_path / "--amp" / "checkpoints" / "last.pt")
+    assert all(t.dtype == torch.float32 for t in ckpt["netG"].values() if t.is_floating_point())
+    with Image.open(tmp_path / "--amp" / "samples" / "step_000002.png") as im:
+        assert im.mode == "L"
+
+
+def test_amp_default_is_off_on_cpu(short_run):
+    assert json.loads((short_run / "config.json").read_text())["amp"] == "off"
+
+
+def test_preload_falls_back_to_disk_when_host_memory_is_short(synth, tmp_path, monkeypatch,
+                                                              capsys):
+    """Issue 8: when the uint8 set needs more than half of the free host memory, --fast reads
+    PNGs from disk instead (one note line), and --eval-every gives metrics.py the class folder."""
+    assert dcgan.free_host_memory_bytes() > 0  # readable on this machine
+    monkeypatch.setattr(dcgan, "free_host_memory_bytes", lambda: 1000)  # 1 kB free
+    def no_preload(*args):
+        raise AssertionError("the images were preloaded")
+    monkeypatch.setattr(dcgan, "load_images", no_preload)
+    seen = {}
+
+    class StubEvaluator:  # the real metrics.py path is tested below and in the eval test
+        def score(self, fake):
+            return dict(fid=1.0, is_mean=1.0, is_std=0.0, kid_mean=0.0, kid_std=0.0,
+                        n_real=N_TRAIN, n_fake=len(fake), network="stub")
+
+    def record(real, args, device):
+        seen["real"] = real
+        return StubEvaluator()
+
+    monkeypatch.setattr(dcgan, "build_evaluator", record)
+    out = tmp_path / "disk"
+    assert run_main(["--data", str(synth / "train"), "--cls", "normal", "--out", str(out), *FAST,
+                     "--max-steps", "3", "--log-every", "1", "--sample-every", "0",
+                     "--eval-every", "3", "--eval-n", "2"]) == 0
+    stdout = capsys.readouterr().out
+    notes = [ln for ln in stdout.splitlines() if ln.startswith("note: preloading")]
+    assert len(notes) == 1 and "reading PNGs from disk each epoch" in notes[0], stdout
+    assert seen["real"] == synth / "train" / "normal"
+    rows = read_rows(out / "log.csv")
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert all(np.isfinite(float(v)) for r in rows for v in r.values())
+    assert load(out / "checkpoints" / "last.pt")["step"] == 3
+    assert read_rows(out / "metrics.csv")[0]["network"] == "stub"
+    # unknown free memory: assume it fits, and say nothing
+    monkeypatch.setattr(dcgan, "free_host_memory_bytes", lambda: None)
+    assert dcgan.preload_fits(10 ** 12) and capsys.readouterr().out == ""
+
+
 def test_random_data_needs_no_data_folder(tmp_path):
     out = tmp_path / "r"
     assert run_main(["--data", str(tmp_path / "nowhere"), "--cls", "normal", "--out", str(out),
@@ -400,6 +464,16 @@ def test_eval_every_writes_metrics_csv(synth, fid_weights, tmp_path, capsys):
     assert "eval: FID" in capsys.readouterr().out
 
 
+def test_evaluator_reads_a_class_folder(synth, fid_weights, tmp_path):
+    """The fallback's real side: metrics.Evaluator on a folder of one-channel PNGs (two of them,
+    as the Inception costs about 0.7 s an image here)."""
+    import metrics
+
+    for src in sorted((synth / "train" / "normal").glob("*.png"))[:2]:
+        (tmp_path / src.name).write_bytes(src.read_bytes())
+    assert metrics.Evaluator(tmp_path, weights=str(fid_weights)).n_real == 2
+
+
 def test_missing_fid_weights_fail_before_training(synth, tmp_path, capsys):
     out = tmp_path / "noweights"
     assert run_main(["--data", str(synth / "train"), "--cls", "viral", "--out", str(out), *FAST,
@@ -464,6 +538,8 @@ def bad_data(synth, tmp_path_factory):
     ("missing checkpoint", ["--generate", "3", "--ckpt", "{tmp}/none.pt", "--out", "{tmp}/g"],
      "not found"),
     ("no cuda", ["--data", "{synth}/train", "--cls", "normal", "--device", "cuda:7"], "--device"),
+    ("amp without fast", ["--data", "{synth}/train", "--cls", "normal", "--no-fast", "--amp"],
+     "--amp needs --fast"),
 ])
 def test_bad_inputs_give_one_line(case, argv, expected, synth, bad_data, tmp_path, capsys):
     if case == "no cuda" and torch.cuda.is_available():
