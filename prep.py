@@ -504,7 +504,12 @@ def prep_covid(args):
 
 def finish(args, source_name, rows, unlabeled):
     """Shared last steps of a real source: convert, write the manifest, report."""
-    settings = {"size": args.size, "crop": args.crop, "fit": args.fit}
+    # The split options belong to the settings too: another split into the same folder would
+    # leave the old split's PNGs behind where the model scripts read them.
+    split_flags = {k: getattr(args, k) for k in ("val_frac", "test_frac") if hasattr(args, k)}
+    settings = {"size": args.size, "crop": args.crop, "fit": args.fit, **split_flags}
+    if any(split_flags.values()):
+        settings["seed"] = args.seed  # draws the patients of the split
     check_settings(args.out, source_name, settings)
     out = Path(args.out)
     jobs = [(str(args.path), r["_rel"], str(out / r["path"]), args.size, args.crop, args.fit) for r in rows]

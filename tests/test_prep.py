@@ -221,8 +221,11 @@ def test_rerun_is_idempotent_and_interrupted_run_continues(tmp_path, monkeypatch
     assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 0
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
 
-    # Other settings into the same folder are refused instead of mixing sizes.
+    # Other settings into the same folder are refused instead of mixing sizes, or splits (a
+    # val split made later would leave its images in train/ too).
     assert run(["kermany", src, "--out", out, "--size", 32, "--workers", 1]) == 2
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1, "--val-frac", 0.5]) == 2
+    assert "val_frac: 0.0 -> 0.5" in capsys.readouterr().err
 
 
 def test_ctrl_c_stops_the_worker_processes_and_the_run_continues(tmp_path):
