@@ -677,11 +677,10 @@ def write_config(out, args, device, data, amp_name):
 def autocast_and_scaler(args, device):
     """--amp: None (auto) = on with CUDA + --fast, off on the CPU; True = on (the CPU uses bf16, so
     the "autocast changes results only by noise" check runs anywhere); False = fp32. --no-fast is
-    always plain fp32. CUDA: bf16 where supported (no scaler needed), else fp16 + ONE GradScaler."""
+    plain fp32 (check_args refuses --no-fast --amp). CUDA: bf16 where supported (no scaler
+    needed), else fp16 + ONE GradScaler."""
     cuda = device.type == "cuda"
     use_amp = args.fast and (cuda if args.amp is None else args.amp)
-    if args.amp and not args.fast:
-        print("note: --no-fast is plain fp32, so --amp is ignored")
     if not use_amp:
         return nullcontext(), torch.amp.GradScaler("cuda", enabled=False), "off"
     dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
@@ -934,7 +933,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="autocast. Unset (auto): on with CUDA and --fast (bf16 if supported, else "
                    "fp16 + GradScaler), off on the CPU. --amp on a CPU: bf16 autocast (to check that "
-                   "autocast changes results only by noise). --no-amp: fp32. --no-fast is always fp32")
+                   "autocast changes results only by noise). --no-amp: fp32. --no-fast is fp32 "
+                   "(with --amp: an error)")
     p.add_argument("--compile", action="store_true", help="torch.compile the two networks")
     p.add_argument("--random-data", action="store_true",
                    help="train on random tensors instead of images (benchmarking the input pipeline only)")
@@ -982,6 +982,8 @@ def check_args(args):
                  "latent_dim", "eval_n"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.amp and not args.fast:
+        raise UserError("--amp needs --fast (--no-fast is the plain fp32 run) — drop one of them")
     if args.eval_every and args.random_data:
         raise UserError("--eval-every needs real images — drop --random-data")
     if args.lr is None:
