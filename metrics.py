@@ -35,6 +35,10 @@ From Python (what the model scripts do with --eval-every):
     ev = metrics.Evaluator(real_uint8, weights=None, device="cuda")   # real features once
     ev.score(fake_uint8)  # {'fid', 'is_mean', 'is_std', 'kid_mean', 'kid_std', 'n_real', ...}
 
+Every result names its feature network: "pt_inception-2015-12-05" only when the weights file is
+pytorch-fid's release file (by its SHA-256), else "custom weights <file> sha256:<8 hex>"; .npz
+statistics carry the same label, and an FID between two different networks warns.
+
 Read the numbers with their N: FID is biased upwards at small N (FID_N ~ FID_inf + k/N, Chong &
 Forsyth 2020) and only comparable at equal N; below 2048 images a warning says so. KID is
 unbiased and the better choice for the small sets of medical imaging.
@@ -61,7 +65,7 @@ from scipy.special import logsumexp
 # ---------------------------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------------------------
-NETWORK = "pt_inception-2015-12-05"  # reported next to every number
+NETWORK = "pt_inception-2015-12-05"  # reported next to every number, for the release file only
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # the "-6726825d" in the name; torch.hub checks it
@@ -304,21 +308,32 @@ def one_line(e):
 
 
 def download_fid_weights():
-    """-> (state dict, where it lies). Downloaded on first use into <torch hub dir>/checkpoints;
-    torch.hub's check_hash compares the download's SHA-256 with the 6726825d in the file name, and
-    we check the cached file the same way on every load (torch.hub does not), so a damaged file
-    is never used."""
+    """-> (state dict, where it lies, its SHA-256). Downloaded on first use into
+    <torch hub dir>/checkpoints, where torch.hub.load_state_dict_from_url would put it; torch.hub
+    compares the download's SHA-256 with the 6726825d in the file name, and we check the cached
+    file the same way on every load (torch.hub does not), so a damaged file is never used. We call
+    torch.hub.download_url_to_file ourselves because load_state_dict_from_url first prints a
+    "Downloading" line on stdout: that would break --json, and offline it would come before the
+    one-line error."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
-    try:
-        state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=True,
-                                                   check_hash=True, weights_only=True)
-    except Exception as e:  # offline, proxy, HTTP error, hash mismatch, unreadable cache: one message
-        raise WeightsError(f"cannot get the FID Inception weights ({one_line(e)}) — {WEIGHTS_HINT}"
-                           + (f" (or delete {cached} if it is damaged)" if cached.exists() else ""))
-    if not sha256_of(cached).startswith(FID_WEIGHTS_SHA256_PREFIX):
+    if not cached.exists():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(cached), hash_prefix=FID_WEIGHTS_SHA256_PREFIX,
+                                           progress=True)  # writes a temporary file, moves it in when complete
+        except Exception as e:  # offline, proxy, HTTP error, hash mismatch, read-only cache: one message
+            raise WeightsError(f"cannot download the FID Inception weights ({one_line(e)}) — {WEIGHTS_HINT}")
+        print(f"downloaded the FID Inception weights (95 MB, once) to {cached}", file=sys.stderr)
+    sha = sha256_of(cached)
+    if not sha.startswith(FID_WEIGHTS_SHA256_PREFIX):
         raise WeightsError(f"{cached} is damaged (its SHA-256 does not start with {FID_WEIGHTS_SHA256_PREFIX}) "
                            f"— delete it to download it again, or {WEIGHTS_HINT}")
-    return state, cached
+    try:
+        state = torch.load(cached, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read {cached} ({one_line(e)}) — delete it to download it again, "
+                           f"or {WEIGHTS_HINT}")
+    return state, cached, sha
 
 
 def sha256_of(path):
@@ -329,8 +344,19 @@ def sha256_of(path):
     return h.hexdigest()
 
 
+def network_label(path, sha):
+    """The name reported next to every number: the official network's name only when the file is
+    the pytorch-fid release file (its SHA-256 starts with the 6726825d of the release name, the
+    check torch.hub makes), else "custom weights <file name> sha256:<first 8>", so that numbers
+    from random test weights or a user's own file are never passed off as standard FIDs."""
+    if sha.startswith(FID_WEIGHTS_SHA256_PREFIX):
+        return NETWORK
+    return f"custom weights {Path(path).name} sha256:{sha[:8]}"
+
+
 def load_fid_inception(weights=None):
-    """-> (FIDInceptionV3 in eval mode on the CPU, a line saying which weights it holds).
+    """-> (FIDInceptionV3 in eval mode on the CPU, a line saying which weights it holds, the
+    network's label for results: see network_label()).
 
     weights: a path, or None for $FID_WEIGHTS, or (neither set) the download. Raises WeightsError
     with a one-line message when the file is missing, unreadable or not this network.
@@ -341,37 +367,42 @@ def load_fid_inception(weights=None):
     if path:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise WeightsError(f"FID Inception weights file {path} not found — pass the path of "
+            origin = "" if weights else f" (from ${WEIGHTS_ENV})"
+            raise WeightsError(f"FID Inception weights file {path}{origin} not found — pass the path of "
                                f"pt_inception-2015-12-05-6726825d.pth; {WEIGHTS_HINT}")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise WeightsError(f"cannot read {path} as a PyTorch state dict ({one_line(e)}) — {WEIGHTS_HINT}")
         sha = sha256_of(path)
-        standard = sha.startswith(FID_WEIGHTS_SHA256_PREFIX)
-        source = (f"{path} (sha256 {sha[:8]}: " +
-                  ("the pytorch-fid release file)" if standard else
-                   "NOT the pytorch-fid release file; numbers compare only with this file)"))
     else:
-        state, path = download_fid_weights()
-        source = f"{path} (sha256 {FID_WEIGHTS_SHA256_PREFIX}: the pytorch-fid release file)"
+        state, path, sha = download_fid_weights()
+    network = network_label(path, sha)
+    source = (f"{path} (sha256 {sha[:8]}: " +
+              ("the pytorch-fid release file)" if network == NETWORK else
+               "NOT the pytorch-fid release file; numbers compare only with this file)"))
 
-    model = FIDInceptionV3()
+    # Built on the meta device and given the loaded tensors (assign=True): no random init of 24 M
+    # weights that are overwritten at once, and no copy (about 2 s less per load on 2 cores).
+    with torch.device("meta"):
+        model = FIDInceptionV3()
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise WeightsError(f"{path} is not a state dict of tensors — {WEIGHTS_HINT}")
-    expected = set(model.state_dict())
+    expected = model.state_dict()
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = sorted(expected - optional - set(state))
-    unexpected = sorted(set(state) - expected)
+    missing = sorted(set(expected) - optional - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise WeightsError(
             f"{path} is not the FID Inception-v3: {len(missing)} keys missing (e.g. {missing[:1]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}) — {WEIGHTS_HINT}")
+    state = {k: state.get(k, torch.zeros((), dtype=torch.long)) for k in expected}  # counters are optional
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}   # fp32 model whatever the file holds
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # right names, wrong shapes
         raise WeightsError(f"{path} does not fit the FID Inception-v3 ({one_line(e)[:300]}) — {WEIGHTS_HINT}")
-    return model.eval().requires_grad_(False), source
+    return model.eval().requires_grad_(False), source, network
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +480,7 @@ class InceptionFeatures:
 
     def __init__(self, weights=None, device="cpu", batch_size=50, channels_last=True, workers=None):
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-        model, self.weights_source = load_fid_inception(weights)
+        model, self.weights_source, self.network = load_fid_inception(weights)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.batch_size = batch_size
@@ -542,15 +573,16 @@ def is_stats_file(path):
     return str(path).endswith(".npz")
 
 
-def save_stats(path, mu, sigma, n):
+def save_stats(path, mu, sigma, n, network):
     """mu and sigma as pytorch-fid's --save-stats writes them (np.savez_compressed, float64), so
-    either program reads the other's file; n and the network ride along as extra keys, which
-    pytorch-fid ignores."""
-    np.savez_compressed(path, mu=mu, sigma=sigma, n=np.array(n), network=np.array(NETWORK))
+    either program reads the other's file; n and the network's label (network_label()) ride along
+    as extra keys, which pytorch-fid ignores."""
+    np.savez_compressed(path, mu=mu, sigma=sigma, n=np.array(n), network=np.array(str(network)))
 
 
 def load_stats(path):
-    """-> (mu, sigma, n or None). Reads our files and pytorch-fid's (which carry no n)."""
+    """-> (mu, sigma, n or None, network label or None). Reads our files and pytorch-fid's (which
+    carry neither n nor the network)."""
     if not Path(path).is_file():
         raise UserError(f"statistics file {path} not found — make it with "
                         "`python metrics.py fid FOLDER --save-stats FILE.npz`")
@@ -558,13 +590,29 @@ def load_stats(path):
         with np.load(path) as f:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             n = int(f["n"]) if "n" in f.files else None
+            network = str(f["network"]) if "network" in f.files else None
     except (KeyError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a statistics file with mu and sigma ({one_line(e)}) — make it "
                         "with `python metrics.py fid FOLDER --save-stats FILE.npz` or pytorch-fid --save-stats")
     if mu.shape != (POOL3_DIM,) or sigma.shape != (POOL3_DIM, POOL3_DIM):
         raise UserError(f"{path} holds mu {mu.shape} and sigma {sigma.shape}, not 2048-d pool3 "
                         "statistics — recompute it with --save-stats (pytorch-fid: --dims 2048)")
-    return mu, sigma, n
+    return mu, sigma, n, network
+
+
+def compare_networks(real, fake):
+    """Labels of the two sides of an FID -> (label to report, one-line warning or None).
+
+    An FID between features of two different networks (the release file and random test weights,
+    say) measures the networks, not the images. None stands for a pytorch-fid statistics file,
+    which names no network; pytorch-fid computes those with the release file, so that is assumed."""
+    assumed = f"{NETWORK} (assumed: the statistics file names no network)"
+    real, fake = real or assumed, fake or assumed
+    if real.split(" (assumed")[0] == fake.split(" (assumed")[0]:
+        return (real if real == fake else NETWORK), None
+    return (f"{real} (REAL) vs {fake} (FAKE)",
+            f"REAL's features come from {real} but FAKE's from {fake}; an FID between different feature "
+            "networks is meaningless — compute both with the same weights (--weights / --fid-weights)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,9 +846,13 @@ class Evaluator:
         self.features = InceptionFeatures(weights, device, batch_size, channels_last)
         self.device = self.features.device
         self.real_pool3 = None
+        self.network = self.features.network  # label reported with every score
         if isinstance(real, (str, os.PathLike)) and is_stats_file(real):
-            self.mu, self.sigma, self.n_real = load_stats(real)
+            self.mu, self.sigma, self.n_real, real_network = load_stats(real)
             self.n_real = self.n_real if self.n_real is not None else -1  # pytorch-fid files omit N
+            self.network, mismatch = compare_networks(real_network, self.network)
+            if mismatch:
+                warnings.warn(mismatch, stacklevel=2)
         else:
             images = real if torch.is_tensor(real) else list_images(real)
             self.real_pool3, _ = self.features(images)
@@ -827,7 +879,7 @@ class Evaluator:
             kid_mean, kid_std, _ = kernel_inception_distance(self.real_pool3, pool3, device=self.device)
         return dict(fid=frechet_distance(self.mu, self.sigma, mu, sigma), is_mean=is_mean, is_std=is_std,
                     kid_mean=kid_mean, kid_std=kid_std, n_real=int(self.n_real), n_fake=int(n),
-                    network=NETWORK)
+                    network=self.network)
 
 
 def small_n_message(n_real, n_fake):
@@ -905,12 +957,13 @@ def image_source(path, args, what, allow_stats=False):
 
 
 def stats_of(source, features):
-    """(mu, sigma, n) of a .npz path or a list of image files (features() loads the network)."""
+    """(mu, sigma, n, network) of a .npz path or a list of image files (features() loads the network)."""
     if isinstance(source, (str, Path)):
         return load_stats(source)
-    pool3, _ = features()(source)
+    extract = features()
+    pool3, _ = extract(source)
     mu, sigma = feature_statistics(pool3)
-    return mu, sigma, len(pool3)
+    return mu, sigma, len(pool3), extract.network
 
 
 def run_fid(args, features, say):
@@ -920,31 +973,36 @@ def run_fid(args, features, say):
         raise UserError(f"--save-stats needs REAL to be a folder, not {args.real} — pass the image folder")
     if fake is None and not args.save_stats:
         raise UserError("fid needs REAL and FAKE — pass both, or --save-stats FILE.npz to save REAL's statistics")
-    mu1, s1, n1 = stats_of(real, features)
-    result = {"metric": "fid", "n_real": n1, "network": NETWORK}
+    mu1, s1, n1, net1 = stats_of(real, features)
+    result = {"metric": "fid", "n_real": n1, "network": net1}
     if args.save_stats:
-        save_stats(args.save_stats, mu1, s1, n1)
+        save_stats(args.save_stats, mu1, s1, n1, net1)
         result["saved_stats"] = str(args.save_stats)
-        say(f"saved statistics of {n1} images of {args.real} to {args.save_stats}")
+        say(f"saved statistics of {n1} images of {args.real} ({net1}) to {args.save_stats}")
     if fake is not None:
-        mu2, s2, n2 = stats_of(fake, features)
-        if n1 is None or min(n1, n2) < FID_MIN_N:
-            warn(small_n_message(n1 if n1 is not None else "unknown", n2))
+        mu2, s2, n2, net2 = stats_of(fake, features)
+        result["network"], mismatch = compare_networks(net1, net2)
+        if mismatch:
+            warn(mismatch)
+        n1_text, n2_text = ("unknown" if n is None else n for n in (n1, n2))
+        if n1 is None or n2 is None or min(n1, n2) < FID_MIN_N:
+            warn(small_n_message(n1_text, n2_text))
         result.update(fid=frechet_distance(mu1, s1, mu2, s2), n_fake=n2)
-        say(f"FID {result['fid']:.4f}  (N_real {n1 if n1 is not None else 'unknown'}, N_fake {n2}; "
-            f"{NETWORK} pool3, pytorch-fid preprocessing)")
+        say(f"FID {result['fid']:.4f}  (N_real {n1_text}, N_fake {n2_text}; "
+            f"{result['network']} pool3, pytorch-fid preprocessing)")
     return result
 
 
 def run_is(args, features, say):
     files = image_source(args.fake, args, "FAKE")
-    _, logits = features()(files)
+    extract = features()
+    _, logits = extract(files)
     mean, std = inception_score(logits, splits=args.splits, shuffle=not args.no_shuffle)
     splits = min(args.splits, len(files))
     say(f"IS {mean:.4f} ± {std:.4f}  (N {len(files)}, {splits} splits, "
-        f"{'file order' if args.no_shuffle else 'shuffled with seed 2020'}; {NETWORK} logits without bias)")
+        f"{'file order' if args.no_shuffle else 'shuffled with seed 2020'}; {extract.network} logits without bias)")
     return {"metric": "is", "is_mean": mean, "is_std": std, "n_fake": len(files), "splits": splits,
-            "shuffle": not args.no_shuffle, "network": NETWORK}
+            "shuffle": not args.no_shuffle, "network": extract.network}
 
 
 def run_kid(args, features, say):
@@ -957,9 +1015,9 @@ def run_kid(args, features, say):
     if m == len(real) == len(fake):
         warn(f"every KID subset holds all {m} images of both sets, so the subsets are the same and std is 0")
     say(f"KID {mean:.6f} ± {std:.6f}  (x1000: {1000 * mean:.3f} ± {1000 * std:.3f}; N_real {len(real)}, "
-        f"N_fake {len(fake)}, {args.subsets} subsets of {m}; {NETWORK} pool3)")
+        f"N_fake {len(fake)}, {args.subsets} subsets of {m}; {extract.network} pool3)")
     return {"metric": "kid", "kid_mean": mean, "kid_std": std, "subset_size": m, "subsets": args.subsets,
-            "n_real": len(real), "n_fake": len(fake), "network": NETWORK}
+            "n_real": len(real), "n_fake": len(fake), "network": extract.network}
 
 
 def run_pr(args, features, say):
@@ -971,9 +1029,9 @@ def run_pr(args, features, say):
     (f1, _), (f2, _) = extract(real), extract(fake)
     precision, recall = precision_recall(f1, f2, args.k, device=extract.device)
     say(f"precision {precision:.4f}  recall {recall:.4f}  (k={args.k}; N_real {len(real)}, N_fake {len(fake)}; "
-        f"{NETWORK} pool3)")
+        f"{extract.network} pool3)")
     return {"metric": "pr", "precision": precision, "recall": recall, "k": args.k,
-            "n_real": len(real), "n_fake": len(fake), "network": NETWORK}
+            "n_real": len(real), "n_fake": len(fake), "network": extract.network}
 
 
 def run_nn(args, features, say):
@@ -997,7 +1055,7 @@ def run_nn(args, features, say):
             spaces[name] = {"feature": pool3, "pixel": pixels / math.sqrt(PIXEL_SIZE * PIXEL_SIZE)}
     reference = "held-out images" if held else "leave-one-out training images"
     result = {"metric": "nn", "n_train": len(train), "n_fake": len(fake), "n_reference": len(held or train),
-              "reference": reference, "copy_quantile": args.copy_quantile, "network": NETWORK}
+              "reference": reference, "copy_quantile": args.copy_quantile, "network": extract.network}
     found = {}
     say(f"memorization check: {len(fake)} fakes against {len(train)} training images; reference: "
         f"nearest training image of {len(held or train)} {reference}")

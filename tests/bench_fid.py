@@ -8,7 +8,8 @@ images and the same device; prints images/s and how far the features are apart.
 From Python (tests/bench.py does this): `bench_fid.run(device, n, batch_size) -> dict`.
 
 Both networks get the same weights: random but well-scaled ones by default (speed does not depend
-on the values; no download), or the release file with --weights. Both get the same uint8 images
+on the values; no download), or the release file with --weights. Without pytorch-fid installed it
+times metrics.py alone (pytorch-fid is a test-only dependency). Both get the same uint8 images
 (1 x 128 x 128, resized to 299 inside), pytorch-fid as its loader hands them over (float [0, 1],
 three channels). The variants run in turns, best of --repeats passes after a warm-up batch, so a
 busy machine disturbs them alike. On CUDA both run with TF32 off (metrics.py always does; without
@@ -32,9 +33,37 @@ import metrics  # noqa: E402
 IMAGE_SIZE = 128   # generated X-rays are 64..256 px; every image is resized to 299 anyway
 
 
+def random_inception_state(seed=0):
+    """A state dict in the release file's layout with values that keep activations sane
+    (conv ~ N(0, 2/fan_in), BN around identity but not exactly, so eps and stats matter).
+    tests/test_metrics.py loads the same weights into metrics.py and pytorch-fid."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, v in metrics.FIDInceptionV3().state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.zeros_like(v)
+        elif key.endswith("conv.weight"):
+            state[key] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif key.endswith("bn.weight"):
+            state[key] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        elif key.endswith(("bn.bias", "running_mean")):
+            state[key] = 0.1 * torch.randn(v.shape, generator=g)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(v.shape, generator=g)
+        elif key == "fc.weight":
+            state[key] = torch.randn(v.shape, generator=g) / 2048 ** 0.5
+        else:  # fc.bias
+            state[key] = 0.1 * torch.randn(v.shape, generator=g)
+    return state
+
+
 def pytorch_fid_model(state, device):
-    """pytorch-fid's InceptionV3 (pool3 block), its weight download answered with `state`."""
-    import pytorch_fid.inception as pfi
+    """pytorch-fid's InceptionV3 (pool3 block), its weight download answered with `state`;
+    None when pytorch-fid is not installed."""
+    try:
+        import pytorch_fid.inception as pfi
+    except ImportError:
+        return None
     original = pfi.load_state_dict_from_url
     pfi.load_state_dict_from_url = lambda *args, **kwargs: state
     try:
@@ -65,7 +94,8 @@ def timed(fn, device):
 
 def run(device="cpu", n=64, batch_size=50, weights=None, repeats=2, seed=0):
     """-> dict: images/s per variant, speed-ups, max |feature difference| against pytorch-fid, and
-    the relative FID difference (first half of the images against the second half)."""
+    the relative FID difference (first half of the images against the second half). Without
+    pytorch-fid: metrics.py's images/s only, and "pytorch_fid": "not installed"."""
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=g)
@@ -73,14 +103,17 @@ def run(device="cpu", n=64, batch_size=50, weights=None, repeats=2, seed=0):
     if weights:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     else:
-        from test_metrics import random_inception_state
         state = random_inception_state(seed)
-        weights = str(Path(tempfile.mkdtemp()) / "random_inception.pth")
-        torch.save(state, weights)
     reference = pytorch_fid_model(state, device)
-    ours = {"metrics_channels_last": metrics.InceptionFeatures(weights, device, batch_size, channels_last=True),
-            "metrics_nchw": metrics.InceptionFeatures(weights, device, batch_size, channels_last=False)}
-    variants = {"pytorch_fid": lambda imgs: pytorch_fid_features(reference, imgs, batch_size, device)}
+    with tempfile.TemporaryDirectory() as tmp:  # metrics.py reads weights from a file, as users do
+        if kind == "random":
+            weights = str(Path(tmp) / "random_inception.pth")
+            torch.save(state, weights)
+        ours = {name: metrics.InceptionFeatures(weights, device, batch_size, channels_last=cl)
+                for name, cl in (("metrics_channels_last", True), ("metrics_nchw", False))}
+    variants = {}
+    if reference is not None:
+        variants["pytorch_fid"] = lambda imgs: pytorch_fid_features(reference, imgs, batch_size, device)
     variants.update({name: (lambda imgs, f=f: f(imgs)[0]) for name, f in ours.items()})
 
     seconds = {name: [] for name in variants}
@@ -93,16 +126,20 @@ def run(device="cpu", n=64, batch_size=50, weights=None, repeats=2, seed=0):
                 t, features[name] = timed(lambda: fn(images), device)
                 seconds[name].append(t)
 
-    base = features["pytorch_fid"]
-    half = n // 2
-    fid_reference = metrics.frechet_distance(*metrics.feature_statistics(base[:half]),
-                                             *metrics.feature_statistics(base[half:])) if half >= 2 else None
     result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else f"cpu, {torch.get_num_threads()} threads", "n": n, "batch_size": batch_size,
               "image_size": IMAGE_SIZE, "weights": kind,
               "images_per_s": {k: n / min(v) for k, v in seconds.items()},
               "images_per_s_median": {k: n / statistics.median(v) for k, v in seconds.items()},
-              "max_abs_feature": float(np.abs(base).max()), "max_abs_diff": {}, "fid_rel_diff": {}}
+              "network": ours["metrics_nchw"].network}
+    if reference is None:
+        result["pytorch_fid"] = "not installed"
+        return result
+    base = features["pytorch_fid"]
+    half = n // 2
+    fid_reference = metrics.frechet_distance(*metrics.feature_statistics(base[:half]),
+                                             *metrics.feature_statistics(base[half:])) if half >= 2 else None
+    result.update(max_abs_feature=float(np.abs(base).max()), max_abs_diff={}, fid_rel_diff={})
     for name in ours:
         result["max_abs_diff"][name] = float(np.abs(features[name] - base).max())
         if fid_reference is not None:
@@ -151,12 +188,14 @@ def main(argv=None):
           f"{r['device_name']} ({r['weights']} weights):")
     for name, ips in r["images_per_s"].items():
         line = f"  {name:<22} {ips:7.2f} images/s (median {r['images_per_s_median'][name]:.2f})"
-        if name != "pytorch_fid":
+        if name != "pytorch_fid" and "pytorch_fid" in r["images_per_s"]:
             line += (f"  x{r[f'speedup_{name}']:.2f}  max |diff| {r['max_abs_diff'][name]:.2e} "
                      f"(features up to {r['max_abs_feature']:.2f})")
             if name in r["fid_rel_diff"]:
                 line += f"  FID rel diff {r['fid_rel_diff'][name]:.1e}"
         print(line)
+    if "pytorch_fid" not in r["images_per_s"]:
+        print("  (pytorch-fid is not installed: `pip install pytorch-fid==0.3.0` to compare with it)")
     if args.frechet:
         r["frechet"] = frechet_timing()
         for f in r["frechet"]:

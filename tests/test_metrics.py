@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import metrics
+from bench_fid import random_inception_state  # random well-scaled weights in the release layout
 
 REPO = Path(__file__).resolve().parents[1]
 pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
@@ -30,31 +31,10 @@ from torch_fidelity.metric_prc import prc_features_to_metric  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures: random well-scaled weights, pytorch-fid's network with them, small image folders
+# Fixtures: random well-scaled weights (bench_fid.random_inception_state: conv ~ N(0, 2/fan_in), BN
+# around identity but not exactly, so eps and the statistics matter), pytorch-fid's network with
+# them, small image folders
 # ---------------------------------------------------------------------------------------------
-
-def random_inception_state(seed=0):
-    """A state dict in the release file's layout with values that keep activations sane
-    (conv ~ N(0, 2/fan_in), BN around identity but not exactly, so eps and stats matter)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, v in metrics.FIDInceptionV3().state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros_like(v)
-        elif key.endswith("conv.weight"):
-            state[key] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
-        elif key.endswith("bn.weight"):
-            state[key] = 1 + 0.1 * torch.randn(v.shape, generator=g)
-        elif key.endswith(("bn.bias", "running_mean")):
-            state[key] = 0.1 * torch.randn(v.shape, generator=g)
-        elif key.endswith("running_var"):
-            state[key] = 0.5 + torch.rand(v.shape, generator=g)
-        elif key == "fc.weight":
-            state[key] = torch.randn(v.shape, generator=g) / 2048 ** 0.5
-        else:  # fc.bias
-            state[key] = 0.1 * torch.randn(v.shape, generator=g)
-    return state
-
 
 @pytest.fixture(scope="module")
 def state():
@@ -83,6 +63,14 @@ def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     prep.make_synthetic(out, n=8, size=64, seed=0)
     return out
+
+
+@pytest.fixture
+def small_inception(monkeypatch):
+    """Plumbing tests (API, CLI, labels, memorization) resize to 75 px, the smallest input the
+    network takes, instead of 299: ~16x cheaper. Everything else is unchanged; the numbers
+    themselves are checked against pytorch-fid at 299 px above."""
+    monkeypatch.setattr(metrics, "INCEPTION_SIZE", 75)
 
 
 def write_pngs(folder, arrays):
@@ -120,13 +108,14 @@ def test_state_dict_keys_and_shapes_are_pytorch_fids(state):
 def test_release_layouts_load_strictly(state, tmp_path):
     full = tmp_path / "full.pth"
     torch.save(state, full)                      # 566 keys
-    model, source = metrics.load_fid_inception(str(full))
+    model, source, network = metrics.load_fid_inception(str(full))
     assert torch.equal(model.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
     assert "NOT the pytorch-fid release file" in source  # random weights: the hash says so
+    assert network == f"custom weights full.pth sha256:{metrics.sha256_of(full)[:8]}"   # and so does the label
     no_counters = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     assert len(no_counters) == 472             # torch-fidelity's converter writes this
     torch.save(no_counters, tmp_path / "472.pth")
-    model, _ = metrics.load_fid_inception(str(tmp_path / "472.pth"))
+    model, _, _ = metrics.load_fid_inception(str(tmp_path / "472.pth"))
     assert torch.equal(model.fc.weight, state["fc.weight"])
 
 
@@ -304,7 +293,7 @@ def test_memorization_flags_planted_copies_in_feature_arrays():
 # The API the model scripts call, and the command line
 # ---------------------------------------------------------------------------------------------
 
-def test_evaluator_scores_tensors_and_caches_real_features(weights, synth):
+def test_evaluator_scores_tensors_and_caches_real_features(weights, synth, small_inception):
     real_files = metrics.list_images(synth / "train" / "viral")[:5]
     real = torch.stack([metrics.read_image(f) for f in real_files])           # (5, 1, 64, 64) uint8
     ev = metrics.Evaluator(real, weights=weights, device="cpu", batch_size=4)
@@ -314,7 +303,8 @@ def test_evaluator_scores_tensors_and_caches_real_features(weights, synth):
     with pytest.warns(UserWarning, match="2048"):
         scores = ev.score(real)                  # the real set against itself
     assert set(scores) == {"fid", "is_mean", "is_std", "kid_mean", "kid_std", "n_real", "n_fake", "network"}
-    assert scores["n_real"] == scores["n_fake"] == 5 and scores["network"] == "pt_inception-2015-12-05"
+    label = f"custom weights w.pth sha256:{metrics.sha256_of(weights)[:8]}"   # not the release file's name
+    assert scores["n_real"] == scores["n_fake"] == 5 and scores["network"] == label
     assert abs(scores["fid"]) < 1e-6 * np.trace(ev.sigma)
     assert all(isinstance(scores[k], float) for k in ("fid", "is_mean", "is_std", "kid_mean", "kid_std"))
     assert calls == [5]                          # only the fakes went through the network
@@ -322,9 +312,18 @@ def test_evaluator_scores_tensors_and_caches_real_features(weights, synth):
     from_folder = metrics.Evaluator(synth / "train" / "viral", weights=weights)
     assert from_folder.n_real == 8
     stats = synth / "viral.npz"
-    metrics.save_stats(stats, from_folder.mu, from_folder.sigma, from_folder.n_real)
-    from_stats = metrics.Evaluator(str(stats), weights=weights)
+    metrics.save_stats(stats, from_folder.mu, from_folder.sigma, from_folder.n_real, from_folder.network)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # same network on both sides: no warning
+        from_stats = metrics.Evaluator(str(stats), weights=weights)
     np.testing.assert_array_equal(from_stats.sigma, from_folder.sigma)
+    assert from_stats.network == label
+    # Statistics of another network (here: labelled as the release file) against these weights.
+    metrics.save_stats(synth / "official.npz", from_folder.mu, from_folder.sigma, 8, metrics.NETWORK)
+    with pytest.warns(UserWarning, match="different feature networks") as record:
+        mixed = metrics.Evaluator(str(synth / "official.npz"), weights=weights)
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert mixed.network == f"{metrics.NETWORK} (REAL) vs {label} (FAKE)"
     fake = torch.stack([metrics.read_image(f) for f in real_files[:3]]).expand(-1, 3, -1, -1).contiguous()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -344,11 +343,22 @@ def test_offline_download_is_a_one_line_error_naming_url_and_flag(monkeypatch, t
     with pytest.raises(metrics.WeightsError) as e:
         metrics.Evaluator(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
     message = str(e.value)
-    assert metrics.FID_WEIGHTS_URL in message and "--weights" in message and "\n" not in message
+    assert metrics.FID_WEIGHTS_URL in message and "\n" not in message
+    assert all(name in message for name in ("--weights", "--fid-weights", "FID_WEIGHTS=PATH"))
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        metrics.main(["is", str(synth / "train" / "viral")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and err[-1].startswith("error: ") and metrics.FID_WEIGHTS_URL in err[-1]
+        metrics.main(["is", str(synth / "train" / "viral"), "--json"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""   # no "Downloading ..." line in front of --json output
+    assert len(err.splitlines()) == 1 and err.startswith("error: cannot download") and metrics.FID_WEIGHTS_URL in err
+
+
+def test_weights_from_the_environment_variable(monkeypatch, weights, tmp_path, capsys, synth):
+    monkeypatch.setenv("FID_WEIGHTS", weights)
+    model, source, network = metrics.load_fid_inception()
+    assert weights in source and network.startswith("custom weights w.pth")
+    monkeypatch.setenv("FID_WEIGHTS", str(tmp_path / "missing.pth"))
+    expect_user_error(capsys, ["is", str(synth / "train" / "viral")], "missing.pth (from $FID_WEIGHTS) not found")
 
 
 def test_download_goes_to_the_hub_cache_and_is_hash_checked(monkeypatch, tmp_path, weights, state):
@@ -362,9 +372,10 @@ def test_download_goes_to_the_hub_cache_and_is_hash_checked(monkeypatch, tmp_pat
     downloads = []
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda url, dst, *args, **kwargs: downloads.append(url) or shutil.copy(weights, dst))
-    model, source = metrics.load_fid_inception()
+    model, source, network = metrics.load_fid_inception()
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / f"pt_inception-2015-12-05-{prefix}.pth"
     assert cached.is_file() and str(cached) in source and len(downloads) == 1
+    assert network == metrics.NETWORK            # the hash matches the release's: the official name
     assert torch.equal(model.fc.weight, state["fc.weight"])
     metrics.load_fid_inception()
     assert len(downloads) == 1                   # the second time it comes from the cache
@@ -414,21 +425,59 @@ def test_stats_files_round_trip_with_pytorch_fid(weights, state, synth, tmp_path
     r = metrics.main(["fid", str(viral), "--save-stats", str(ours), "--weights", weights, "--json"])
     mu, sigma = pytorch_fid_score.compute_statistics_of_path(str(ours), None, 1, 2048, "cpu")
     assert r["n_real"] == 8 and mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    label = f"custom weights w.pth sha256:{metrics.sha256_of(weights)[:8]}"
+    assert r["network"] == label and metrics.load_stats(ours)[3] == label   # the file says which network
     theirs = tmp_path / "theirs.npz"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: state)
         pytorch_fid_score.save_fid_stats([str(viral), str(theirs)], 8, "cpu", 2048, num_workers=0)
-    mu_t, sigma_t, n = metrics.load_stats(theirs)
-    assert n is None                              # pytorch-fid does not store N
+    mu_t, sigma_t, n, network = metrics.load_stats(theirs)
+    assert n is None and network is None          # pytorch-fid stores neither N nor the network
     np.testing.assert_allclose(mu, mu_t, atol=1e-5)   # same images, same weights
     np.testing.assert_allclose(sigma, sigma_t, atol=1e-5)
     capsys.readouterr()
     r = metrics.main(["fid", str(theirs), str(ours), "--weights", weights, "--json"])
     assert abs(r["fid"]) < 1e-4 and r["n_fake"] == 8
-    assert "unknown" in capsys.readouterr().err   # N of a pytorch-fid file is reported as unknown
+    err = capsys.readouterr().err
+    assert "unknown" in err                       # N of a pytorch-fid file is reported as unknown
+    # A pytorch-fid file is assumed to hold the release network's statistics, so against our
+    # random-weights file the FID is flagged (here the weights happen to be the same).
+    mismatch = [line for line in err.splitlines() if "different feature networks" in line]
+    assert len(mismatch) == 1 and mismatch[0].startswith("warning: ") and label in mismatch[0]
+    assert r["network"] == f"{metrics.NETWORK} (assumed: the statistics file names no network) (REAL) vs {label} (FAKE)"
+    r = metrics.main(["fid", str(ours), str(ours), "--weights", weights, "--json"])
+    assert r["fid"] == pytest.approx(0, abs=1e-6) and r["network"] == label
+    assert "different feature networks" not in capsys.readouterr().err
 
 
-def test_memorization_cli_finds_planted_copies(weights, synth, tmp_path, capsys):
+def test_compare_networks_labels_and_warnings():
+    official, custom = metrics.NETWORK, "custom weights w.pth sha256:0123abcd"
+    assert metrics.compare_networks(official, official) == (official, None)
+    assert metrics.compare_networks(custom, custom) == (custom, None)
+    assert metrics.compare_networks(None, official) == (official, None)    # pytorch-fid file + release weights
+    for real, fake in ((official, custom), (None, custom), (custom, None)):
+        label, warning = metrics.compare_networks(real, fake)
+        assert "(REAL) vs" in label and "different feature networks" in warning and "\n" not in warning
+
+
+def test_cli_is_kid_pr_json_name_the_weights(weights, tmp_path, capsys, small_inception):
+    """The other three commands end to end on 4 tiny images, with the network's honest label."""
+    rng = np.random.default_rng(3)
+    folder = write_pngs(tmp_path / "imgs", [rng.integers(0, 256, (32, 32), dtype=np.uint8) for _ in range(4)])
+    label = f"custom weights w.pth sha256:{metrics.sha256_of(weights)[:8]}"
+    w = ["--weights", weights, "--json", "--batch-size", "4"]
+    r = metrics.main(["is", str(folder)] + w)
+    assert r["network"] == label and r["n_fake"] == 4 and r["splits"] == 4
+    assert r["is_mean"] == pytest.approx(1.0) and r["is_std"] == pytest.approx(0.0)   # one image per split
+    r = metrics.main(["kid", str(folder), str(folder), "--subsets", "5"] + w)
+    assert r["network"] == label and r["subset_size"] == 4 and r["kid_std"] < 1e-12   # every subset: all 4
+    r = metrics.main(["pr", str(folder), str(folder)] + w)
+    assert r["network"] == label and (r["precision"], r["recall"]) == (1.0, 1.0)
+    out, err = capsys.readouterr()
+    assert out.count('"network": "custom weights w.pth') == 3 and "NOT the pytorch-fid release file" in err
+
+
+def test_memorization_cli_finds_planted_copies(weights, synth, tmp_path, capsys, small_inception):
     """Fakes = 3 training images with +-1 grey-level noise and 3 new phantoms: the copies are
     flagged in both spaces, matched to their sources, and head the grid."""
     import prep
