@@ -109,8 +109,9 @@ CROP_MASK_SIDE = 512  # find the body on a copy at most this long: same box, ~6x
 def crop_to_body(gray, min_area=0.1):
     """Crop to the bounding box of the largest bright connected region (the torso).
 
-    As the AC-GAN paper crops to the torso: Otsu threshold on a blurred copy, a morphological
-    opening to cut thin links (labels, wires), the largest component by scipy.ndimage.label.
+    As the AC-GAN paper crops to "the largest contour of torso cross-section" (Dhawan & Nijhawan,
+    Sec. 3.2): Otsu threshold on a blurred copy, a morphological opening to cut thin links
+    (labels, wires), the largest component by scipy.ndimage.label.
     If that component covers less than `min_area` of the image the image is returned unchanged.
     Images longer than CROP_MASK_SIDE are searched on a box-filtered smaller copy and the box is
     scaled back (outwards), so the crop itself keeps the full resolution.
@@ -242,10 +243,12 @@ def convert_one(job):
     if os.path.exists(out_path):
         return relpath, None  # done by an earlier run (files only appear complete, see above)
     try:
-        img = read_image(root, relpath)
-        write_png_atomic(preprocess(img, size, crop, fit), out_path)
+        array = preprocess(read_image(root, relpath), size, crop, fit)
     except Exception as e:  # noqa: BLE001 -- one odd file must never stop the whole run
         return relpath, f"{type(e).__name__}: {e}".splitlines()[0]
+    # Outside the try: a failed write (disk full, no permission) is no fault of this image and
+    # would fail for every other one too, so it stops the run (main() reports it in one line).
+    write_png_atomic(array, out_path)
     return relpath, None
 
 
@@ -268,9 +271,10 @@ def run_jobs(func, jobs, workers, what="images"):
         return failed
     start = time.time()
     first = last = None  # the rate is measured from the first finished job, after start-up
+    shown = False  # a progress line is on screen (an error message must start on a new line)
 
     def progress(done, final=False):
-        nonlocal first, last
+        nonlocal first, last, shown
         now = time.time()
         if first is None:
             first = last = now
@@ -287,6 +291,7 @@ def run_jobs(func, jobs, workers, what="images"):
             timing = f"{done / max(now - start, 1e-9):.0f}/s  {now - start:.1f} s"
         print(f"\r  {done:,}/{n:,} {what}  {timing}  ", end="\n" if final else "",
               file=sys.stderr, flush=True)
+        shown = not final
 
     if workers <= 1 or n < POOL_MIN_JOBS:
         pool, results = None, map(func, jobs)
@@ -298,6 +303,10 @@ def run_jobs(func, jobs, workers, what="images"):
             if err:
                 failed[name] = err
             progress(done)
+    except BaseException:
+        if shown:
+            print(file=sys.stderr)  # end the progress line; the error goes on its own line
+        raise
     finally:
         if pool is not None:
             pool.terminate()
@@ -496,6 +505,7 @@ def prep_covid(args):
     if not rows:
         raise UserError(f"no COVID-19 X-ray PA/AP rows with an image found under {root} — check that "
                         "images/ sits next to metadata.csv")
+    print(f"covid: reading {root} ({len(meta):,} metadata.csv rows, {len(rows):,} COVID-19 X-ray PA/AP images)")
     split_by_patient(rows, args.test_frac, args.seed, "test")
     for r in rows:
         r["path"] = f"{r['split']}/covid/" + r["path"].split("/")[-1]
@@ -788,29 +798,36 @@ def parse_args(argv=None):
     ch.add_argument("data", help="a folder written by prep.py")
     args = p.parse_args(argv)
     if getattr(args, "size", 8) < 8:
-        p.error("--size must be at least 8")
+        raise UserError(f"--size {args.size} is too small — use --size 8 or more "
+                        "(64, 128 or 256 are usual)")
     for name in ("val_frac", "test_frac"):
         if not 0 <= getattr(args, name, 0) < 1:
-            p.error(f"--{name.replace('_', '-')} must be in [0, 1)")
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {getattr(args, name)} is not in [0, 1) — use a fraction, "
+                            f"e.g. {flag} 0.1 (0: none)")
     if getattr(args, "n", 1) < 1:
-        p.error("--n must be at least 1")
+        raise UserError(f"--n {args.n} makes no images — use --n 1 or more (the default is 200)")
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.command in ("kermany", "covid") and not Path(args.path).exists():
-        print(f"error: {args.path} does not exist — download the dataset first (see README, "
-              "'Real data') and pass its folder or .zip", file=sys.stderr)
-        sys.exit(2)
     run = {"kermany": prep_kermany, "covid": prep_covid, "synthetic": prep_synthetic, "check": prep_check}
     try:
+        args = parse_args(argv)
+        if args.command in ("kermany", "covid") and not Path(args.path).exists():
+            raise UserError(f"{args.path} does not exist — download the dataset first (see README, "
+                            "'Real data') and pass its folder or .zip")
         code = run[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the disk or the folders, not one image (those are skipped and listed)
+        print(f"error: cannot read or write {e.filename or 'a file'}: {e.strerror or e} — free some disk "
+              "space or pick another --out, then run the same command again (finished images are kept)",
+              file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: finished images are kept; run the same command again to continue",
+        print("interrupted: finished images are kept; run the same command again to continue",
               file=sys.stderr)
         sys.exit(130)
     sys.exit(code)

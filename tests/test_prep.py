@@ -91,12 +91,12 @@ def expected_rows():
     return out
 
 
-@pytest.mark.parametrize("layout", ["plain", "nested", "zip", "inner"])
+@pytest.mark.parametrize("layout", ["plain", "nested", "zip", "nested_zip", "inner"])
 def test_kermany_layouts_labels_and_patients(tmp_path, layout):
     src = make_kaggle_tree(tmp_path / "src")
-    if layout == "nested":  # the Kaggle zip's duplicate chest_xray/chest_xray copy
+    if layout in ("nested", "nested_zip"):  # the Kaggle zip's duplicate chest_xray/chest_xray copy
         make_kaggle_tree(tmp_path / "src" / "chest_xray", prefix="chest_xray")
-    if layout == "zip":
+    if layout in ("zip", "nested_zip"):
         src = zip_tree(src, tmp_path / "archive.zip")
     if layout == "inner":  # the user points at chest_xray/ itself
         src = src / "chest_xray"
@@ -226,6 +226,45 @@ def test_rerun_is_idempotent_and_interrupted_run_continues(tmp_path, monkeypatch
     assert run(["kermany", src, "--out", out, "--size", 32, "--workers", 1]) == 2
     assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1, "--val-frac", 0.5]) == 2
     assert "val_frac: 0.0 -> 0.5" in capsys.readouterr().err
+
+
+def test_a_failed_write_stops_the_run_in_one_line_and_a_rerun_continues(tmp_path, monkeypatch, capsys):
+    """Disk full or an unwritable --out is not a broken image: no 'skipped unreadable' list and
+    no 'download again' advice, one error line, exit 2; the same command then finishes."""
+    src = make_kaggle_tree(tmp_path / "src")
+    out = tmp_path / "data"
+    real_save, saves = Image.Image.save, []
+
+    def disk_full(self, fp, *args, **kwargs):
+        saves.append(fp)
+        if len(saves) == 3:
+            raise OSError(28, "No space left on device", str(fp))
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 2
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert err[-1].startswith("error: cannot read or write ") and "No space left on device" in err[-1]
+    assert "Traceback" not in captured.err and "unreadable" not in captured.out
+    assert len(list(out.rglob("*.png"))) == 2 and not list(out.rglob("*.tmp"))
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 1]) == 0
+    assert len(read_rows(out)) == len(KAGGLE_FILES)
+
+    # The same from the worker processes: train/ is a file, so no class folder can be made there.
+    monkeypatch.setattr(prep, "POOL_MIN_JOBS", 0)
+    out = tmp_path / "blocked"
+    out.mkdir()
+    (out / "train").write_text("in the way")
+    capsys.readouterr()
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 2]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1].startswith(f"error: cannot read or write {out / 'train'}")
+    assert "Traceback" not in captured.err and "unreadable" not in captured.out
+    (out / "train").unlink()
+    assert run(["kermany", src, "--out", out, "--size", 16, "--workers", 2]) == 0
+    assert len(read_rows(out)) == len(KAGGLE_FILES)
 
 
 def test_ctrl_c_stops_the_worker_processes_and_the_run_continues(tmp_path):
@@ -520,6 +559,11 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "metadata.csv" in error_of(["covid", tmp_path / "flat"])
     err = error_of(["check", tmp_path / "missing"])
     assert "prep.py kermany" in err and "prep.py synthetic" in err
+    # Values argparse cannot check: one line too, with the fix.
+    assert "--size 8 or more" in error_of(["synthetic", "--size", 4, "--out", tmp_path / "s"])
+    assert "--val-frac 1.5 is not in [0, 1)" in error_of(["kermany", src, "--val-frac", 1.5])
+    assert "--test-frac -0.1 is not in [0, 1)" in error_of(["covid", tmp_path, "--test-frac", -0.1])
+    assert "--n 1 or more" in error_of(["synthetic", "--n", 0, "--out", tmp_path / "s"])
 
 
 def test_command_line_runs_as_a_script(tmp_path):
