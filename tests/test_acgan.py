@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -192,6 +193,28 @@ def test_balanced_order_is_balanced_and_a_function_of_seed_and_epoch():
     assert not torch.equal(order, acgan.balanced_order(labels, 3, 300, 32, seed=0, epoch=2))
 
 
+def test_sample_grid_is_one_row_per_class_from_the_same_noise_in_eval_mode(tmp_path):
+    """Every row gets the same 8 noise vectors and only its own label; the pixels are the eval-mode
+    (running BatchNorm statistics) output mapped [-1, 1] -> [0, 255]; G is back in train mode."""
+    z, y = acgan.fixed_sample_inputs(3, acgan.LATENT_DIM, seed=0, device="cpu")
+    per = acgan.SAMPLES_PER_CLASS
+    assert torch.equal(z[:per], z[per:2 * per]) and torch.equal(z[:per], z[2 * per:])
+    assert y.tolist() == [0] * per + [1] * per + [2] * per
+    torch.manual_seed(0)
+    G = acgan.Generator(3, 1, 64, g_channels=32)
+    G(torch.randn(16, acgan.LATENT_DIM), torch.randint(3, (16,)))   # move the running statistics
+    acgan.save_sample_grid(G, z, y, tmp_path / "grid.png")
+    assert G.training
+    with torch.no_grad():
+        expected = ((G.eval()(z, y) + 1) / 2 * 255).round()            # (24, 1, 64, 64)
+    with Image.open(tmp_path / "grid.png") as im:
+        grid = torch.from_numpy(np.array(im)).float()                 # (H, W)
+    for i in range(3 * per):                                          # padding 2 around each cell
+        r, c = divmod(i, per)
+        cell = grid[2 + r * 66: 2 + r * 66 + 64, 2 + c * 66: 2 + c * 66 + 64]
+        assert (cell - expected[i, 0]).abs().max() <= 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------
@@ -252,6 +275,21 @@ def test_no_fast_decodes_the_same_batches_and_random_data_runs(synth, tmp_path, 
     code, _ = run_main(train_args(tmp_path / "nowhere", tmp_path / "rnd", "--max-steps", "2",
                                   "--random-data"), capsys)
     assert code == 0 and len(read_csv(tmp_path / "rnd/log.csv")) == 2
+
+
+def test_fresh_run_refuses_a_folder_holding_a_run(synth, tmp_path, capsys):
+    """A second run without --resume into the same --out would append to its log.csv and replace
+    its checkpoints: refused, before any data is read. Rows left by a run that stopped before its
+    first checkpoint are dropped, not mixed with the new run's."""
+    out = tmp_path / "run"
+    assert run_main(train_args(synth / "train", out, "--max-steps", "2"), capsys)[0] == 0
+    code, err = run_main(train_args(synth / "train", out, "--max-steps", "2"), capsys)
+    assert code == 2
+    one_error_line(err, str(out), "--resume")
+    assert [int(r["step"]) for r in read_csv(out / "log.csv")] == [1, 2]
+    shutil.rmtree(out / "checkpoints")                         # as if it had died before saving
+    assert run_main(train_args(synth / "train", out, "--max-steps", "1"), capsys)[0] == 0
+    assert [int(r["step"]) for r in read_csv(out / "log.csv")] == [1]
 
 
 @pytest.mark.parametrize("size", [112, 128])
@@ -378,6 +416,14 @@ def test_generate_writes_n_one_channel_pngs_per_class(synth, tmp_path, capsys):
                         "--classes", "viral", "--device", "cpu"], capsys)
     assert code == 0 and [p.name for p in (tmp_path / "sub").iterdir()] == ["viral"]
     assert len(list((tmp_path / "sub/viral").glob("*.png"))) == 2
+    # a --channels 3 model (the gray channel repeated) still writes one-channel PNGs
+    assert run_main(train_args(synth / "train", tmp_path / "rgb", "--max-steps", "1", "--channels", "3"),
+                    capsys)[0] == 0
+    code, _ = run_main(["--generate", "1", "--ckpt", str(tmp_path / "rgb/checkpoints/last.pt"),
+                        "--out", str(tmp_path / "fake3"), "--device", "cpu"], capsys)
+    assert code == 0
+    with Image.open(tmp_path / "fake3/normal/normal_00000.png") as im:
+        assert im.mode == "L" and im.size == (64, 64)
 
 
 # ----------------------------------------------------------------------------------------------
