@@ -273,7 +273,7 @@ def test_ctrl_c_stops_the_worker_processes_and_the_run_continues(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="JPEG", quality=90)
     src = tmp_path / "chest_xray"
-    names = [f"NORMAL/IM-{i:04d}-0001.jpeg" for i in range(160)]
+    names = [f"NORMAL/IM-{i:04d}-0001.jpeg" for i in range(480)]  # long enough that SIGINT lands mid-run on a busy machine
     names += ["PNEUMONIA/person1_bacteria_1.jpeg", "PNEUMONIA/person1_virus_1.jpeg"]
     for name in names:
         (src / "train" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +295,7 @@ def test_ctrl_c_stops_the_worker_processes_and_the_run_continues(tmp_path):
     done = len(list(out.rglob("*.png")))
     assert 0 < done < len(names)  # stopped part-way
     # Every finished PNG is complete; the same command finishes the rest.
-    assert run(["kermany", src, "--out", out, "--size", 32, "--workers", 1]) == 0
+    assert run(["kermany", src, "--out", out, "--size", 32, "--workers", 2]) == 0
     rows = read_rows(out)
     assert len(rows) == len(names)
     assert len({(out / r["path"]).read_bytes() for r in rows}) == 1  # same source, same bytes
