@@ -598,10 +598,13 @@ def build_evaluator(real_uint8, args, device):
 
 def noise_batches(n, nz, noise, seed, batch_size):
     """n vectors z in batches, from a CPU generator seeded with `seed`: the same z on any device,
-    and the global RNG that training uses is not touched."""
+    and the global RNG that training uses is not touched. Drawn one vector at a time, so that
+    vector i depends on neither N nor the batch size (torch.randn of a whole batch does not
+    promise that: its values depend on the tensor's length)."""
     rng = torch.Generator().manual_seed(seed)
     for start in range(0, n, batch_size):
-        yield sample_noise(min(batch_size, n - start), nz, noise, generator=rng)
+        b = min(batch_size, n - start)
+        yield torch.cat([sample_noise(1, nz, noise, generator=rng) for _ in range(b)])
 
 
 @torch.no_grad()
@@ -654,8 +657,8 @@ def train(args, argv):
 
     device = pick_device(args.device)
     if device.type == "cpu":
-        print(f"warning: training on the CPU is slow; for a quick try use --size 32 "
-              f"(now {args.size}) or a GPU")
+        smaller = f"--size {SIZES[0]} (now {args.size}) or " if args.size > SIZES[0] else ""
+        print(f"warning: training on the CPU is slow; for a quick try use {smaller}a GPU")
     fast = args.fast
     # --amp auto (no flag): autocast with CUDA + --fast, fp32 on the CPU. An explicit --amp on a
     # CPU gives bf16 autocast there, so "autocast changes results only by noise" can be checked
@@ -847,7 +850,8 @@ def train(args, argv):
 
 
 def generate(args):
-    """--generate N --ckpt PATH --out DIR: write N PNGs of the checkpoint's size and channels."""
+    """--generate N --ckpt PATH --out DIR: write N PNGs of the checkpoint's size and channels.
+    Image i depends only on the checkpoint and --seed, not on N or --batch-size (noise_batches)."""
     ckpt = load_checkpoint(args.ckpt)
     check_checkpoint(ckpt, args.ckpt, size=args.size, channels=args.channels, cls=args.cls)
     device = pick_device(args.device)
@@ -931,8 +935,15 @@ def check_args(args):
                 "--log-every": args.log_every, "--save-every": args.save_every,
                 "--eval-n": args.eval_n}
     for flag, value in positive.items():
-        if value <= 0:
+        if not 0 < value < math.inf:  # also refuses nan, which every comparison fails
             raise UserError(f"{flag} must be positive, not {value}")
+    not_negative = {"--workers": args.workers, "--sample-every": args.sample_every,
+                    "--eval-every": args.eval_every}
+    for flag, value in not_negative.items():
+        if value < 0:
+            raise UserError(f"{flag} must be 0 or more, not {value}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder — pass a folder path")
     if args.generate is not None:
         if args.generate <= 0 or not args.ckpt or not args.out:
             raise UserError("--generate N needs N > 0, --ckpt PATH and --out DIR")

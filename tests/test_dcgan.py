@@ -131,6 +131,21 @@ def test_parameter_counts_match_the_papers_tables():
     assert all(m.bias is None for m in [*G.net, *D.net] if isinstance(m, torch.nn.modules.conv._ConvNd))
 
 
+def test_defaults_are_the_papers_values():
+    """Sec. 3.3.1: batch 32, Adam lr 0.0002, betas (0.5, 0.999), leak 0.2, z of 100, 64 px.
+    Table 2 gives no dropout rate; nn.Dropout's default 0.5 is the value its printout implies."""
+    args = dcgan.parse_args(["--cls", "normal"])
+    assert (args.batch_size, args.lr, args.dropout, args.size) == (32, 0.0002, 0.5, None)
+    dcgan.check_args(args)
+    assert args.size == 64 and args.channels == 1
+    D = dcgan.Discriminator(64)
+    assert [m.p for m in D.net if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5, 0.5]
+    assert [m.negative_slope for m in D.net if isinstance(m, torch.nn.LeakyReLU)] == [0.2] * 4
+    assert dcgan.Generator(64).net[0].in_channels == 100
+    opt = dcgan.make_adam(D.parameters(), args.lr, torch.device("cpu"), True)
+    assert opt.defaults["betas"] == (0.5, 0.999) and opt.defaults["lr"] == 0.0002
+
+
 @pytest.mark.parametrize("size", dcgan.SIZES)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_output_shapes_at_every_size(size, channels):
@@ -231,6 +246,18 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
     assert not torch.equal(a, dcgan.epoch_batches(10, 3, seed=0, epoch=2))
 
 
+def test_noise_depends_on_neither_n_nor_batch_size():
+    """Vector i of a seed is the same for any N and batch size, and is N(0, 1) or U(-1, 1)."""
+    whole = lambda n, b, kind="normal": torch.cat(list(dcgan.noise_batches(n, 100, kind, 7, b)))  # noqa: E731
+    ref = whole(10, 10)
+    assert ref.shape == (10, 100, 1, 1)
+    assert torch.equal(whole(10, 3), ref) and torch.equal(whole(4, 4), ref[:4])
+    assert torch.equal(whole(10, 3, "uniform"), whole(10, 10, "uniform"))
+    big, uni = whole(400, 64), whole(400, 64, "uniform")
+    assert abs(big.mean()) < 0.02 and abs(big.std() - 1) < 0.02
+    assert uni.min() >= -1 and uni.max() <= 1 and abs(uni.std() - 1 / 3 ** 0.5) < 0.01
+
+
 def test_image_grid_keeps_one_channel():
     imgs = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 3, 3)
     grid = dcgan.image_grid(imgs, rows=2, pad=1)
@@ -262,8 +289,9 @@ def test_short_run_writes_every_output(short_run, capsys):
     for step in (0, 2, 4):
         with Image.open(out / "samples" / f"step_{step:06d}.png") as im:
             assert im.mode == "L" and im.size == (grid_side, grid_side)
-    with Image.open(out / "loss_curve.png") as im:
-        im.verify()
+    with Image.open(out / "loss_curve.png") as im:  # both curves are drawn, in their colours
+        colours = {c for _, c in im.convert("RGB").getcolors(maxcolors=1 << 16)}
+    assert {(200, 40, 40), (40, 70, 200)} <= colours
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["last.pt", "step_000002.pt", "step_000004.pt"]
     ckpt = load(out / "checkpoints" / "last.pt")
@@ -276,10 +304,17 @@ def test_log_line_has_the_papers_format(synth, tmp_path, capsys):
     run_main(["--data", str(synth / "train"), "--cls", "viral", "--out", str(tmp_path / "r"),
               *FAST, "--epochs", "1", "--log-every", "1", "--sample-every", "0"])
     out = capsys.readouterr().out
-    pattern = (r"\[1/1\]\[1/2\] Loss_D: \d+\.\d{4} Loss_G: \d+\.\d{4} D\(x\): 0\.\d{4} "
-               r"D\(G\(z\)\): 0\.\d{4} / 0\.\d{4}  \d+\.\d ms/step")
-    assert re.search(pattern, out), out
+    pattern = (r"\[1/1\]\[1/2\] Loss_D: (\d+\.\d{4}) Loss_G: (\d+\.\d{4}) D\(x\): (0\.\d{4}) "
+               r"D\(G\(z\)\): (0\.\d{4}) / (0\.\d{4})  (\d+\.\d) ms/step")
+    match = re.search(pattern, out)
+    assert match, out
     assert "device: cpu" in out and "warning: training on the CPU" in out
+    assert "--size 32 (now 32)" not in out  # no smaller size to suggest at 32 px
+    # the printed values are log.csv's last row, rounded
+    row = read_rows(tmp_path / "r" / "log.csv")[-1]
+    keys = ("loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "ms_per_step")
+    for key, printed in zip(keys, match.groups()):
+        assert abs(float(row[key]) - float(printed)) <= 0.5 * 10 ** -len(printed.split(".")[1]) + 1e-6, key
 
 
 def test_resume_is_exact(synth, tmp_path):
@@ -490,10 +525,11 @@ def test_missing_fid_weights_fail_before_training(synth, tmp_path, capsys):
 def test_generate_writes_n_one_channel_pngs(short_run, tmp_path, capsys):
     ckpt = short_run / "checkpoints" / "last.pt"
     folders = {}
-    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+    # b: the same seed with another batch size gives the same images
+    for name, seed, batch in (("a", "1", "2"), ("b", "1", "3"), ("c", "2", "2")):
         folders[name] = tmp_path / name
         assert run_main(["--generate", "5", "--ckpt", str(ckpt), "--out", str(folders[name]),
-                         "--seed", seed, "--batch-size", "2", "--device", "cpu"]) == 0
+                         "--seed", seed, "--batch-size", batch, "--device", "cpu"]) == 0
     files = sorted(folders["a"].glob("*.png"))
     assert len(files) == 5
     for f in files:
@@ -540,15 +576,27 @@ def bad_data(synth, tmp_path_factory):
     ("no cuda", ["--data", "{synth}/train", "--cls", "normal", "--device", "cuda:7"], "--device"),
     ("amp without fast", ["--data", "{synth}/train", "--cls", "normal", "--no-fast", "--amp"],
      "--amp needs --fast"),
+    ("lr nan", ["--data", "{synth}/train", "--cls", "normal", "--lr", "nan"], "--lr must be positive"),
+    ("negative workers", ["--data", "{synth}/train", "--cls", "normal", "--no-fast",
+                          "--workers", "-1"], "--workers must be 0 or more"),
+    ("negative eval-every", ["--data", "{synth}/train", "--cls", "normal", "--eval-every", "-5"],
+     "--eval-every must be 0 or more"),
+    ("out is a file", ["--data", "{synth}/train", "--cls", "normal", "--out", "{file}"],
+     "is a file"),
+    ("generate into a file", ["--generate", "3", "--ckpt", "x.pt", "--out", "{file}"], "is a file"),
 ])
 def test_bad_inputs_give_one_line(case, argv, expected, synth, bad_data, tmp_path, capsys):
     if case == "no cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    argv = [a.format(tmp=tmp_path, synth=synth, bad=bad_data) for a in argv]
-    # --workers 0, and --device cpu and --batch-size 4 where the case does not set them itself
-    extra = ["--workers", "0"] + ([] if "--device" in argv else ["--device", "cpu"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = [a.format(tmp=tmp_path, synth=synth, bad=bad_data, file=a_file) for a in argv]
+    # --workers 0, --device cpu and --batch-size 4 where the case does not set them itself
+    extra = ([] if "--workers" in argv else ["--workers", "0"])
+    extra += [] if "--device" in argv else ["--device", "cpu"]
     extra += [] if "--batch-size" in argv else ["--batch-size", "4"]
-    assert run_main([*argv, *extra, "--out", str(tmp_path / "run"), "--max-steps", "1"]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "run")]
+    assert run_main([*argv, *extra, *out, "--max-steps", "1"]
                     if "--generate" not in argv else [*argv, "--device", "cpu"]) == 2, case
     assert expected in error_line(capsys), case
 
