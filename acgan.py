@@ -47,6 +47,7 @@ upsamples it four times; the discriminator halves four times back to it. Other s
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import signal
@@ -976,6 +977,8 @@ def check_args(args):
                             "--generate 500 --ckpt runs/<run>/checkpoints/last.pt --out fake/acgan")
         if args.resume is not None:
             raise UserError("--generate and --resume do not go together — generate from --ckpt instead")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UserError(f"--out {args.out} is a file, not a folder — pass a folder name")
         args.classes = None if args.classes is None else parse_classes(args.classes, at_least=1)
         return args
     if args.ckpt:
@@ -988,6 +991,13 @@ def check_args(args):
                  "latent_dim", "eval_n"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("workers", "eval_every"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is negative — use 0 or more")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr {args.lr} is not a positive number — e.g. --lr 1e-4 (RMSprop, the paper)")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder — pass a folder name")
     if args.amp and not args.fast:
         raise UserError("--amp needs --fast (--no-fast is the plain fp32 run) — drop one of them")
     if args.eval_every and args.random_data:

@@ -458,7 +458,9 @@ def one_error_line(err, *words):
 @pytest.mark.parametrize("case", ["missing folder", "unknown class", "duplicate class",
                                   "single class", "unsupported size", "empty class", "garbage png",
                                   "truncated png", "garbage png no-fast", "bad flag", "no-fast amp",
-                                  "resume dcgan checkpoint", "resume text file", "generate no ckpt"])
+                                  "resume dcgan checkpoint", "resume text file", "generate no ckpt",
+                                  "lr nan", "lr negative", "negative workers", "negative eval-every",
+                                  "out is a file", "generate out is a file"])
 def test_user_mistakes_are_one_line_and_exit_2(case, synth, broken, tmp_path, capsys):
     data, out = synth / "train", tmp_path / "run"
     argv, words = {
@@ -477,6 +479,13 @@ def test_user_mistakes_are_one_line_and_exit_2(case, synth, broken, tmp_path, ca
         "resume text file": (train_args(data, out, "--resume", str(broken / "text.pt")), ["not a readable"]),
         "generate no ckpt": (["--generate", "3", "--ckpt", str(tmp_path / "none.pt"), "--out",
                               str(tmp_path / "f"), "--device", "cpu"], ["not found"]),
+        "lr nan": (train_args(data, out, "--lr", "nan"), ["--lr nan"]),
+        "lr negative": (train_args(data, out, "--lr", "-1e-4"), ["--lr"]),
+        "negative workers": (train_args(data, out, "--no-fast", "--workers", "-1"), ["--workers -1"]),
+        "negative eval-every": (train_args(data, out, "--eval-every", "-1"), ["--eval-every -1"]),
+        "out is a file": (train_args(data, broken / "text.pt"), ["is a file"]),
+        "generate out is a file": (["--generate", "3", "--ckpt", str(broken / "dcgan.pt"), "--out",
+                                    str(broken / "text.pt"), "--device", "cpu"], ["is a file"]),
     }[case]
     code, err = run_main(argv, capsys)
     assert code == 2
