@@ -132,6 +132,56 @@ def test_class_never_predicted_has_precision_zero():
     assert all(math.isfinite(v) for v in m["macro"].values())
 
 
+def test_four_classes_with_one_never_predicted_from_labels_to_table():
+    # The contract's four classes; covid (2 test images) is never predicted. Labels -> matrix ->
+    # metrics -> the printed Table-4 row, each value worked by hand, F1 as 2TP / (2TP + FP + FN).
+    classes = ["normal", "bacterial", "viral", "covid"]
+    cm = [[4, 1, 1, 0],
+          [0, 3, 2, 0],
+          [1, 1, 2, 0],
+          [0, 2, 0, 0]]
+    y_true = [i for i, row in enumerate(cm) for j, n in enumerate(row) for _ in range(n)]
+    y_pred = [j for i, row in enumerate(cm) for j, n in enumerate(row) for _ in range(n)]
+    m = classify.metrics_from_confusion(classify.confusion_matrix(y_true, y_pred, 4), classes)
+    #            TP FN FP TN   (N = 17)
+    # normal      4  2  1 10
+    # bacterial   3  2  4  8
+    # viral       2  2  3 10
+    # covid       0  2  0 15   precision 0/0 := 0, F1 0/4 = 0
+    F = Fraction
+    expect = {
+        "normal": dict(accuracy=F(14, 17), precision=F(4, 5), recall=F(4, 6), specificity=F(10, 11), f1=F(8, 11)),
+        "bacterial": dict(accuracy=F(11, 17), precision=F(3, 7), recall=F(3, 5), specificity=F(8, 12), f1=F(6, 12)),
+        "viral": dict(accuracy=F(12, 17), precision=F(2, 5), recall=F(2, 4), specificity=F(10, 13), f1=F(4, 9)),
+        "covid": dict(accuracy=F(15, 17), precision=F(0), recall=F(0), specificity=F(1), f1=F(0)),
+    }
+    assert m["accuracy"] == pytest.approx(9 / 17) and m["n"] == 17 and m["confusion"] == cm
+    for c, values in expect.items():
+        for k, v in values.items():
+            assert m["per_class"][c][k] == pytest.approx(float(v)), (c, k)
+    assert [m["per_class"][c]["support"] for c in classes] == [6, 5, 4, 2]
+    macro = {k: sum(expect[c][k] for c in classes) / 4 for k in expect["normal"]}
+    assert macro["precision"] == F(57, 140)  # (4/5 + 3/7 + 2/5 + 0) / 4, the never-predicted 0 included
+    for k, v in macro.items():
+        assert m["macro"][k] == pytest.approx(float(v)), k
+    table = classify.format_class_table("t", classify.aggregate([m], classes), classes)
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:7]}
+    #                       Accuracy Precision Sensitivity Specificity F1
+    assert rows["normal"] == ["0.824", "0.800", "0.667", "0.909", "0.727"]
+    assert rows["covid"] == ["0.882", "0.000", "0.000", "1.000", "0.000"]
+    assert rows["macro"][1] == f"{57 / 140:.3f}"
+    assert "overall accuracy 0.529 (1 run)" in table
+
+
+def test_class_absent_from_the_evaluation_set_has_recall_zero():
+    # A held-out fold may lack a class: recall 0/0 := 0; the one image predicted as it is an FP.
+    m = classify.metrics_from_confusion([[2, 0, 1], [0, 3, 0], [0, 0, 0]], ["a", "b", "c"])
+    assert m["per_class"]["c"] == pytest.approx(dict(accuracy=5 / 6, precision=0.0, recall=0.0,
+                                                     specificity=5 / 6, f1=0.0, support=0))
+    assert m["per_class"]["a"]["recall"] == pytest.approx(2 / 3)
+    assert m["macro"]["recall"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+
+
 def test_confusion_matrix_counts_true_rows_predicted_columns():
     cm = classify.confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2], 3)
     assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
@@ -333,6 +383,20 @@ def test_small_training_sets_get_at_least_min_steps(synth, tmp_path, capsys):
     assert [int(r["step"]) for r in log] == [1, 2, 3, 4, 5]
 
 
+def test_batchnorm_statistics_are_those_of_the_final_weights(synth, tmp_path, capsys):
+    # One batch of all 144 training images (batch 256): after training, the first BatchNorm's
+    # running mean and variance must be that batch's statistics under the saved weights, computed
+    # here independently with F.conv2d (a moving average after 2 steps would be ~80 % its init).
+    code, _, err = run_main(train_args(synth, tmp_path, "--batch-size", 256, "--max-steps", 2), capsys)
+    assert code == 0, err
+    state = torch.load(tmp_path / "run" / "real" / "seed0" / "model.pt", weights_only=True)["model"]
+    files = sorted((synth / "train").glob("*/*.png"))
+    x = classify.load_images(files, SIZE, 1).float() / 255
+    h = torch.nn.functional.conv2d((x - 0.5) / 0.5, state["body.0.weight"], padding=1)
+    assert torch.allclose(state["body.1.running_mean"], h.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(state["body.1.running_var"], h.var((0, 2, 3)), rtol=1e-4, atol=1e-7)
+
+
 def test_training_is_deterministic_on_cpu(synth, tmp_path, capsys):
     weights = []
     for name in ("a", "b"):
@@ -445,7 +509,7 @@ def test_judge_numbers_match_closed_form(tmp_path, capsys):
     assert r["real baseline"]["n"] == 3
     assert r["real baseline"]["accepted"] == pytest.approx(2 / 3)
     assert r["real baseline"]["mean_prob"] == pytest.approx(np.mean([p_viral(g) for g in base_levels]), abs=1e-6)
-    assert "accepted" in out and "real baseline" in out
+    assert "accepted" in out and "real baseline" in out and "classify.py fid" in out
 
     # A stricter threshold, the AC-GAN layout (IMAGES/<class>/) and an explicit --baseline
     acgan = tmp_path / "acgan"
@@ -502,9 +566,14 @@ def test_error_class_names_differ(synth, tmp_path, capsys):
     write_pngs(fake / "pneumonia", [10, 20])
     assert_user_error(train_args(synth, tmp_path, "--mode", "real+fake", "--fake", fake), capsys,
                       "class names differ", "pneumonia")
-    # --mode fake needs every class among the fakes
+    # --mode fake needs every class of the test set among the fakes, and says which to add
     assert_user_error(train_args(synth, tmp_path, "--mode", "fake", "--fake",
-                                 f"viral={synth / 'train' / 'viral'}"), capsys, "normal")
+                                 f"viral={synth / 'train' / 'viral'}"), capsys,
+                      "missing: normal, bacterial", "--fake normal=DIR")
+    # a flat --test folder: CLASS=DIR is a --fake form, so it is not suggested for --test
+    line = assert_user_error(["train", "--real", synth / "train", "--test", synth / "test" / "viral"],
+                             capsys, "test folder", "no <class>/ subfolders")
+    assert "CLASS=DIR" not in line
 
 
 def test_error_empty_fake_folder(synth, tmp_path, capsys):
