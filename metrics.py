@@ -7,7 +7,9 @@ Every number here is the standard one, computed by code you can read in this fil
   The network is written out below with the module names of pytorch-fid's weights file, and the
   images are prepared exactly as pytorch-fid prepares them, so the numbers are pytorch-fid's
   (tests/test_metrics.py checks this against pytorch-fid itself).
-- IS (Salimans et al. 2016) and KID (Binkowski et al. 2018) with torch-fidelity's conventions.
+- IS (Salimans et al. 2016) and KID (Binkowski et al. 2018) with torch-fidelity's conventions,
+  on the features above: equal to torch-fidelity's on the same features, but not to its
+  end-to-end numbers, which resize like TF1 and scale by (x - 128) / 128 (slightly other features).
 - Precision and recall for generative models (Kynkaanniemi et al. 2019, k = 3): fidelity and
   diversity separately, which a single FID hides (a mode-collapsed GAN has high precision and low
   recall).
@@ -302,9 +304,11 @@ class FIDInceptionV3(nn.Module):
 # Weights: local file, or download once into the torch hub cache with a hash check
 # ---------------------------------------------------------------------------------------------
 
-def one_line(e):
-    """An exception as one line of text (error messages must fit on one line)."""
-    return " ".join(f"{type(e).__name__}: {e}".split())
+def one_line(e, first_sentence=False):
+    """An exception as one line of text (error messages must fit on one line); first_sentence
+    cuts torch.load's long explanations (which go on to suggest the unsafe weights_only=False)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text.split(". ")[0] if first_sentence else text
 
 
 def download_fid_weights():
@@ -331,8 +335,8 @@ def download_fid_weights():
     try:
         state = torch.load(cached, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"cannot read {cached} ({one_line(e)}) — delete it to download it again, "
-                           f"or {WEIGHTS_HINT}")
+        raise WeightsError(f"cannot read {cached} ({one_line(e, first_sentence=True)}) — delete it to download "
+                           f"it again, or {WEIGHTS_HINT}")
     return state, cached, sha
 
 
@@ -373,7 +377,8 @@ def load_fid_inception(weights=None):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise WeightsError(f"cannot read {path} as a PyTorch state dict ({one_line(e)}) — {WEIGHTS_HINT}")
+            raise WeightsError(f"cannot read {path} as a PyTorch state dict ({one_line(e, first_sentence=True)}) "
+                               f"— {WEIGHTS_HINT}")
         sha = sha256_of(path)
     else:
         state, path, sha = download_fid_weights()
@@ -869,8 +874,8 @@ class Evaluator:
         n = len(pool3)
         if n < 2:
             raise ValueError(f"need at least 2 generated images, got {n}")
-        if n < FID_MIN_N and not self._warned:
-            warnings.warn(small_n_message(self.n_real, n), stacklevel=2)
+        if min(self.n_real, n) < FID_MIN_N and not self._warned:  # n_real -1: a file without N
+            warnings.warn(small_n_message("unknown" if self.n_real < 0 else self.n_real, n), stacklevel=2)
             self._warned = True
         mu, sigma = feature_statistics(pool3)
         is_mean, is_std = inception_score(logits)
@@ -896,10 +901,10 @@ def parse_args(argv=None):
     common.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
     common.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     common.add_argument("--weights", "--fid-weights", default=None,
-                        help=f"local Inception weights (default: ${WEIGHTS_ENV}, else download once)")
+                        help=f"local Inception weights; None: ${WEIGHTS_ENV}, else download once")
     common.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     common.add_argument("--recursive", action="store_true",
-                        help="read images in subfolders too (pools classes; default: this folder only)")
+                        help="read images in subfolders too (pools classes; else this folder only)")
     common.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads decoding images")
     common.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -937,10 +942,16 @@ def parse_args(argv=None):
                    help="near-copy threshold: this quantile of the reference nearest distances")
     s.add_argument("--grid", default="nn_pairs.png", help="PNG of the closest pairs")
     s.add_argument("--pairs", type=int, default=GRID_PAIRS, help="rows in the grid")
-    args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
-    return args
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Counts with a lower bound: a one-line error before anything is loaded, not a NaN or a traceback."""
+    minimum = {"batch_size": 1, "workers": 1, "splits": 1, "subsets": 1, "subset_size": 2, "k": 1, "pairs": 0}
+    for flag, least in minimum.items():
+        value = getattr(args, flag, least)
+        if value < least:
+            raise UserError(f"--{flag.replace('_', '-')} {value} is too small — use {least} or more (see --help)")
 
 
 def image_source(path, args, what, allow_stats=False):
@@ -999,6 +1010,9 @@ def run_is(args, features, say):
     _, logits = extract(files)
     mean, std = inception_score(logits, splits=args.splits, shuffle=not args.no_shuffle)
     splits = min(args.splits, len(files))
+    if len(files) < FID_MIN_N:  # FID's limit; IS <= images per split (it is exp of a mutual information)
+        warn(f"IS from N={len(files)} in {splits} splits of about {len(files) // splits} images: IS cannot exceed "
+             "the images per split, so it is biased downwards at small N and only comparable at equal N and splits")
     say(f"IS {mean:.4f} ± {std:.4f}  (N {len(files)}, {splits} splits, "
         f"{'file order' if args.no_shuffle else 'shuffled with seed 2020'}; {extract.network} logits without bias)")
     return {"metric": "is", "is_mean": mean, "is_std": std, "n_fake": len(files), "splits": splits,
@@ -1117,6 +1131,7 @@ def main(argv=None):
         return loaded[0]
 
     try:
+        check_args(args)
         result = commands[args.command](args, features, say)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
