@@ -990,7 +990,7 @@ def check_args(args):
     for flag in ("epochs", "batch_size", "log_every", "sample_every", "save_every", "d_channels",
                  "latent_dim", "eval_n"):
         if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is too small — use 1 or more")
     for flag in ("workers", "eval_every"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is negative — use 0 or more")
