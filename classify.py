@@ -787,15 +787,15 @@ def check_train_args(args):
                         "data/test) or --folds K")
     for flag in ("epochs", "seeds", "size"):
         if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
+            raise UserError(f"--{flag} {getattr(args, flag)} is too small — use 1 or more")
     if args.size < 16:
-        raise UserError("--size must be at least 16 (the small CNN pools four times)")
+        raise UserError(f"--size {args.size} is too small — use 16 or more (the small CNN pools four times)")
     if args.min_steps < 0 or args.max_steps < 0:
-        raise UserError("--min-steps and --max-steps must be 0 or more")
+        raise UserError("--min-steps and --max-steps cannot be negative — use 0 or more (0: no limit)")
     for flag in ("real_per_class", "fake_per_class", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{flag.replace('_', '-')} {value} is too small — use 1 or more")
     return modes
 
 

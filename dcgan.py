@@ -961,7 +961,7 @@ def check_args(args):
     if args.random_data and args.eval_every:
         raise UserError("--eval-every needs real images — drop --random-data")
     if args.eval_every and args.eval_n < 2:
-        raise UserError(f"--eval-n must be at least 2 (FID needs a covariance), not {args.eval_n}")
+        raise UserError(f"--eval-n {args.eval_n} is too small — use 2 or more (FID needs a covariance)")
     if args.max_steps is not None and args.max_steps <= 0:
         raise UserError(f"--max-steps must be positive, not {args.max_steps}")
     args.size = args.size or DEFAULT_SIZE
