@@ -140,6 +140,35 @@ def test_weights_are_initialised_from_n_0_002():
     assert all(m.bias.abs().max() == 0 for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
+def conv_params(c_in, c_out, k):
+    return c_in * c_out * k * k + c_out                       # weights and bias
+
+
+def test_networks_match_the_reference_layer_tables_and_parameter_counts():
+    """Closed forms from App. 7.2's layer lists, RGB at 256 px with ngf = ndf = 64. The reference
+    code prints the same networks as 11.378 M (resnet_9blocks), 2.765 M (basic D) and, with its
+    batch norm, 54.414 M (unet_256)."""
+    n = lambda net: sum(p.numel() for p in net.parameters())          # noqa: E731
+    resnet = (conv_params(3, 64, 7) + conv_params(64, 128, 3) + conv_params(128, 256, 3)    # c7s1-64 d128 d256
+              + 9 * 2 * conv_params(256, 256, 3)                                            # R256 x 9
+              + conv_params(256, 128, 3) + conv_params(128, 64, 3) + conv_params(64, 3, 7))  # u128 u64 c7s1-3
+    G = cyclegan.make_generator("resnet", 3, 256)
+    assert n(G) == resnet == 11_378_179
+    patch = (conv_params(3, 64, 4) + conv_params(64, 128, 4) + conv_params(128, 256, 4)
+             + conv_params(256, 512, 4) + conv_params(512, 1, 4))                           # C64-C128-C256-C512, 1
+    assert n(cyclegan.PatchDiscriminator(3)) == patch == 2_764_737
+    unet = cyclegan.make_generator("unet", 3, 256)
+    weights = sum(m.weight.numel() for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+    norms = [m for m in unet.modules() if isinstance(m, nn.InstanceNorm2d)]
+    assert len(norms) == 6 + 7                                  # downs 2..7, every up but the last
+    assert round((weights + sum(2 * m.num_features for m in norms)) / 1e6, 3) == 54.414   # as with batch norm
+    # Instance norm everywhere (Sec. 4), without affine parameters or running statistics.
+    for net in (G, unet, cyclegan.PatchDiscriminator(1, ndf=8)):
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        assert all(not m.affine and not m.track_running_stats
+                   for m in net.modules() if isinstance(m, nn.InstanceNorm2d))
+
+
 # --- losses and helpers ---------------------------------------------------------------------------
 
 def test_gan_losses_match_closed_forms():
@@ -156,6 +185,43 @@ def test_identity_loss_needs_equal_channels():
     assert cyclegan.identity_loss(G, y) >= 0
     with pytest.raises(ValueError, match="identity loss needs as many input as output channels"):
         cyclegan.identity_loss(cyclegan.ResnetGenerator(1, 3, n_blocks=1, ngf=4), y)
+
+
+def test_train_step_minimises_the_papers_objective():
+    """One train_step against Eq. 3 + the identity term written out with the networks as they were
+    before the step: the logged terms, the 1/2 on the D losses, and the gradients each optimizer
+    used (G's from L_G alone, D's from the D losses alone: nothing leaks between them)."""
+    import contextlib
+    import copy
+    torch.manual_seed(0)
+    model = cyclegan.CycleGAN("resnet", 1, 32, ngf=4, ndf=4)
+    ref = copy.deepcopy(model)
+    x, y = torch.rand(2, 2, 1, 32, 32) * 2 - 1                  # a src and a dst batch
+    params = lambda *names: [p for name in names for p in getattr(model, name).parameters()]   # noqa: E731
+    opt_G = torch.optim.SGD(params("G_src2dst", "G_dst2src"), lr=0.1)
+    opt_D = torch.optim.SGD(params("D_src", "D_dst"), lr=0.1)
+    terms = cyclegan.train_step(model, opt_G, opt_D, torch.amp.GradScaler("cpu", enabled=False),
+                                cyclegan.ImagePool(0), cyclegan.ImagePool(0), x, y, gan_mode="lsgan",
+                                lambda_cyc=10.0, lambda_idt=0.5, autocast=contextlib.nullcontext,
+                                memory_format=torch.contiguous_format)
+    G, Fy, D_X, D_Y = ref.G_src2dst, ref.G_dst2src, ref.D_src, ref.D_dst
+    l1 = lambda a, b: (a - b).abs().mean()                     # noqa: E731
+    fake_y, fake_x = G(x), Fy(y)
+    expected = {"G_adv_src2dst": ((D_Y(fake_y) - 1) ** 2).mean(), "G_adv_dst2src": ((D_X(fake_x) - 1) ** 2).mean(),
+                "cycle_src": 10 * l1(Fy(fake_y), x), "cycle_dst": 10 * l1(G(fake_x), y),
+                "idt_src2dst": 5 * l1(G(y), y), "idt_dst2src": 5 * l1(Fy(x), x)}
+    loss_G = sum(expected.values())
+    expected["G_total"] = loss_G
+    expected["D_dst"] = 0.5 * (((D_Y(y) - 1) ** 2).mean() + (D_Y(fake_y.detach()) ** 2).mean())
+    expected["D_src"] = 0.5 * (((D_X(x) - 1) ** 2).mean() + (D_X(fake_x.detach()) ** 2).mean())
+    for name, value in expected.items():
+        assert torch.isclose(terms[name], value.detach(), rtol=1e-5, atol=1e-6), name
+    for names, loss in ((("G_src2dst", "G_dst2src"), loss_G), (("D_src", "D_dst"), expected["D_src"] + expected["D_dst"])):
+        ref.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        for name in names:
+            for (where, p), q in zip(getattr(ref, name).named_parameters(), getattr(model, name).parameters()):
+                assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), f"{name}.{where}"
 
 
 def images(values):
@@ -289,6 +355,9 @@ def test_short_run_writes_every_output(trained):
     assert set(ckpt["models"]) == {"G_src2dst", "G_dst2src", "D_src", "D_dst"}
     assert ckpt["pool_src"].shape == (8, 1, 32, 32)                  # 8 steps, pool of 50
     assert ckpt["sched_G"]["last_epoch"] == 2
+    for opt in ("opt_G", "opt_D"):                                   # Adam 2e-4, (0.5, 0.999)
+        group = ckpt[opt]["param_groups"][0]
+        assert (group["initial_lr"], tuple(group["betas"])) == (2e-4, (0.5, 0.999))
     assert {"torch", "pool"} <= ckpt["rng"].keys()
 
 
@@ -439,10 +508,15 @@ def test_canonical_command_without_data_names_data_train(tmp_path, monkeypatch, 
             args.gan_loss, args.pool_size, args.flip, args.amp) == \
         ("data/train", 256, "resnet", 1, 100, 50, "lsgan", 50, False, None)
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         cyclegan.main(["--src", "normal", "--dst", "viral"])
-    assert_one_line_error(capsys, 2, e, "data folder data/train not found", "python prep.py kermany PATH",
-                          "python prep.py synthetic")
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""                      # no device line or CPU warning first
+    assert err.splitlines() == [
+        "error: data folder data/train not found — make it with `python prep.py kermany PATH --out data` "
+        "(real X-rays) or `python prep.py synthetic` (phantoms, then --data data/synthetic/train), "
+        "or pass --data"]
     assert not (tmp_path / "runs").exists()
 
 
@@ -526,6 +600,28 @@ def test_bad_inputs_give_one_line_errors(case, needles, synth, tmp_path, capsys)
     with pytest.raises(SystemExit) as e:
         cyclegan.main(argv)
     assert_one_line_error(capsys, 2, e, *needles)
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("missing folder", ["folder", "not found", "--translate"]),
+    ("empty folder", ["no images (.png", "pass a folder of images"]),
+    ("out is the input", ["is the input folder", "another --out"]),
+])
+def test_translate_folder_errors_come_first_and_alone(case, needles, synth, tmp_path, capsys):
+    """Checked before the checkpoint is read (here it does not exist) and before the device line."""
+    (tmp_path / "empty").mkdir()
+    folder = str(synth / "test" / "normal")
+    translate_dir, out = {"missing folder": (str(tmp_path / "nope"), str(tmp_path / "o")),
+                          "empty folder": (str(tmp_path / "empty"), str(tmp_path / "o")),
+                          "out is the input": (folder, folder)}[case]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cyclegan.main(["--translate", translate_dir, "--ckpt", str(tmp_path / "none.pt"), "--out", out])
+    out_text, err = capsys.readouterr()
+    assert e.value.code == 2 and out_text == ""
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    for needle in needles:
+        assert needle in err, err
 
 
 def test_wrong_checkpoints_give_one_line_errors(trained, synth, tmp_path, capsys):
