@@ -787,9 +787,11 @@ def train(args, device):
             save_checkpoint(p, s)
         last_saved = paths[-1]
 
-    # Ctrl-C: finish the step, save last.pt, exit 130 (the handler only sets a flag)
+    # Ctrl-C or SIGTERM (`kill`, a scheduler): finish the step, save last.pt, exit 130 (the
+    # handler only sets a flag)
     interrupted = []
-    old_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    old_handlers = {sig: signal.signal(sig, lambda signum, frame: interrupted.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         sums = {k: torch.zeros((), device=device) for k in LOSS_KEYS}
         n_since_log, last_check = 0, step
@@ -860,7 +862,8 @@ def train(args, device):
                 if done:
                     break
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     print(f"done: {step} steps; samples, logs and checkpoints in {out}")
 
 

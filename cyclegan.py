@@ -1068,11 +1068,13 @@ def train(args):
     def step_path():
         return out / "checkpoints" / f"step_{s.step:06d}.pt"
 
-    # Ctrl-C: finish the step, save, exit 130 (the loop checks the flag after each step).
+    # Ctrl-C or SIGTERM (`kill`, a scheduler): finish the step, save, exit 130 (the loop checks
+    # the flag after each step).
     interrupted = threading.Event()
-    old_handler = None
+    old_handlers = {}
     if threading.current_thread() is threading.main_thread():
-        old_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+        old_handlers = {sig: signal.signal(sig, lambda signum, frame: interrupted.set())
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
 
     monitor, timer = LossMonitor(device), StepTimer(device)
     monitor.checked_step = s.step
@@ -1131,8 +1133,8 @@ def train(args):
                       f"command plus --resume", file=sys.stderr)
                 return 130
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         log_file.close()
         if metrics_file:
             metrics_file.close()

@@ -760,11 +760,13 @@ def train(args, argv):
     if step == 0:  # step_000000.png: what the untrained generator draws
         save_png(sample_dir / "step_000000.png", image_grid(sample(netG, fixed_z), GRID))
 
-    # Ctrl-C sets a flag; the loop stops after the current step and saves (conventions).
+    # Ctrl-C (or SIGTERM from `kill`, a scheduler) sets a flag; the loop stops after the current
+    # step and saves (conventions).
     interrupted = threading.Event()
     on_main_thread = threading.current_thread() is threading.main_thread()
     if on_main_thread:
-        old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+        old_handlers = {sig: signal.signal(sig, lambda *_: interrupted.set())
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
 
     real_target = 1.0 - args.label_smoothing  # one-sided label smoothing (0 by default)
     all_finite = torch.ones((), dtype=torch.bool, device=device)  # all losses finite so far?
@@ -840,7 +842,8 @@ def train(args, argv):
                     break
     finally:
         if on_main_thread:
-            signal.signal(signal.SIGINT, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
         draw_loss_curve(log_csv, out / "loss_curve.png")
     print(f"done: step {step}; run folder {out}")
 

@@ -542,23 +542,24 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(synth, tm
     assert not (out / "checkpoints/step_000004.pt").exists()
 
 
-def test_ctrl_c_saves_last_and_exits_130(synth, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_last_and_exits_130(sig, synth, tmp_path, capsys, monkeypatch):
     calls = []
     real_loss = acgan.generator_loss
 
     def interrupt_at_step_2(*a):
         calls.append(1)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)                # as if the user pressed Ctrl-C
+            os.kill(os.getpid(), sig)                          # as if the user pressed Ctrl-C (or `kill`)
         return real_loss(*a)
 
     monkeypatch.setattr(acgan, "generator_loss", interrupt_at_step_2)
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.getsignal(sig)
     out = tmp_path / "run"
     code, err = run_main(train_args(synth / "train", out, "--max-steps", "6"), capsys)
     assert code == 130 and "--resume" in err[-1]
     assert load(out / "checkpoints/last.pt")["step"] == 2      # the step in flight was finished
-    assert signal.getsignal(signal.SIGINT) is before           # the old handler is back
+    assert signal.getsignal(sig) is before           # the old handler is back
 
 
 # ----------------------------------------------------------------------------------------------

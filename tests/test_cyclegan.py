@@ -551,24 +551,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synth, tmp_path, monk
     assert all(torch.isfinite(t).all() for sd in ckpt["models"].values() for t in sd.values())
 
 
-def test_ctrl_c_saves_and_exits_130(synth, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_and_exits_130(sig, synth, tmp_path, monkeypatch, capsys):
     real_gan_loss, calls = cyclegan.gan_loss, [0]
 
     def interrupting(logits, target_is_real, mode):   # Ctrl-C during the second step
         calls[0] += 1
         if calls[0] == GAN_LOSS_CALLS_PER_STEP + 1:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
         return real_gan_loss(logits, target_is_real, mode)
 
     monkeypatch.setattr(cyclegan, "gan_loss", interrupting)
-    handler = signal.getsignal(signal.SIGINT)
+    handler = signal.getsignal(sig)
     out = tmp_path / "int"
     with pytest.raises(SystemExit) as e:
         cyclegan.main(train_args(synth, out, "--max-steps", "8"))
     assert e.value.code == 130
     assert "--resume" in capsys.readouterr().err
     assert load(out / "checkpoints" / "last.pt")["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is handler
+    assert signal.getsignal(sig) is handler
 
 
 # --- errors ----------------------------------------------------------------------------------------

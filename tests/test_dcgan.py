@@ -446,23 +446,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synth, tmp_path, monk
     assert [int(r["step"]) for r in read_rows(out / "log.csv")] == [2]  # no NaN row
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(synth, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_and_says_how_to_resume(sig, synth, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
     real_generator_loss = dcgan.generator_loss
 
     def interrupt_at_step_2(logits):
         calls["n"] += 1
         if calls["n"] == 2:
-            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C mid-step
+            signal.raise_signal(sig)  # as if the user pressed Ctrl-C (or `kill`) mid-step
         return real_generator_loss(logits)
 
     monkeypatch.setattr(dcgan, "generator_loss", interrupt_at_step_2)
-    handler_before = signal.getsignal(signal.SIGINT)
+    handler_before = signal.getsignal(sig)
     out = tmp_path / "int"
     code = run_main(["--data", str(synth / "train"), "--cls", "normal", "--out", str(out), *FAST,
                      "--epochs", "5", "--log-every", "10", "--sample-every", "0"])
     assert code == 130
-    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert signal.getsignal(sig) is handler_before
     assert load(out / "checkpoints" / "last.pt")["step"] == 2  # the step in flight was finished
     assert "--resume" in capsys.readouterr().out
 
