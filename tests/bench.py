@@ -137,7 +137,8 @@ def make_data(size, n, workdir):
     import prep
     out = Path(workdir) / f"data{size}_{n}"
     if not (out / "manifest.csv").exists():
-        with contextlib.redirect_stdout(io.StringIO()):  # prep's progress line is not a result
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            # prep's summary and progress line are not results
             prep.make_synthetic(out, n=n, size=size, seed=0, workers=min(4, os.cpu_count() or 1))
     return out / "train"
 
@@ -208,7 +209,7 @@ def main(argv=None):
                     print(f"{name:<16}{size:>5}{batch:>6}  {variant:<7}  failed: {r['error']}")
                     continue
                 print(f"{name:<16}{size:>5}{batch:>6}  {variant:<7}{r['ms_per_step']:>10.1f}"
-                      f"{r['images_per_s']:>9.1f}{r['peak_mb']:>10.0f}", flush=True)
+                      f"{r['images_per_s']:>9.3g}{r['peak_mb']:>10.0f}", flush=True)
             if all("error" not in r for r in res.values()):
                 speedup = res["plain"]["ms_per_step"] / res["fast"]["ms_per_step"]
                 pipeline = 1 - res["random"]["ms_per_step"] / res["fast"]["ms_per_step"]
