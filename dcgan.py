@@ -808,7 +808,7 @@ def train(args, argv):
                     window.zero_()
                     window_steps, t_window, t_other = 0, time.perf_counter(), 0.0
 
-                do_sample = args.sample_every > 0 and step % args.sample_every == 0
+                do_sample = args.sample_every > 0 and (step % args.sample_every == 0 or step == total_steps)
                 do_eval = evaluator is not None and step % args.eval_every == 0
                 do_save = step % args.save_every == 0 or last_step
                 if do_sample or do_eval or do_save:  # timed apart, so ms/step is training only

@@ -270,6 +270,14 @@ def test_image_grid_keeps_one_channel():
 # Training runs
 
 
+def test_the_last_step_always_gets_a_sample_grid(synth, tmp_path):
+    out = tmp_path / "run"
+    assert run_main(["--data", str(synth / "train"), "--cls", "normal", "--out", str(out), *FAST,
+                     "--max-steps", "3", "--sample-every", "2"]) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step_000000.png", "step_000002.png", "step_000003.png"]
+
+
 def test_short_run_writes_every_output(short_run, capsys):
     out = short_run
     config = json.loads((out / "config.json").read_text())
