@@ -974,14 +974,14 @@ def check_args(args):
                         f"starts from a size/16 map and upsamples 4 times)")
     if args.channels not in (1, 3):
         raise UserError(f"unsupported --channels {args.channels} — use 1 or 3")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder — pass a folder name")
     if args.generate:
         if args.generate < 0 or not args.ckpt or not args.out:
             raise UserError("--generate N needs N > 0, --ckpt PATH and --out DIR — e.g. "
                             "--generate 500 --ckpt runs/<run>/checkpoints/last.pt --out fake/acgan")
         if args.resume is not None:
             raise UserError("--generate and --resume do not go together — generate from --ckpt instead")
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise UserError(f"--out {args.out} is a file, not a folder — pass a folder name")
         args.classes = None if args.classes is None else parse_classes(args.classes, at_least=1)
         return args
     if args.ckpt:
@@ -999,8 +999,6 @@ def check_args(args):
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is negative — use 0 or more")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UserError(f"--lr {args.lr} is not a positive number — e.g. --lr 1e-4 (RMSprop, the paper)")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a file, not a folder — pass a folder name")
     if args.amp and not args.fast:
         raise UserError("--amp needs --fast (--no-fast is the plain fp32 run) — drop one of them")
     if args.eval_every and args.random_data:

@@ -1018,7 +1018,7 @@ def run_judge(args):
         raise UserError(f"--expect {args.expect} is not a class of this classifier "
                         f"({', '.join(classes)}) — use one of them")
     if not 0 < args.threshold < 1:
-        raise UserError(f"--threshold {args.threshold} must be between 0 and 1 (the paper uses 0.98)")
+        raise UserError(f"--threshold {args.threshold} is not between 0 and 1 — e.g. --threshold 0.98 (the paper)")
     c = classes.index(args.expect)
     rows = {}
     files = judge_images(args.images, args.expect)

@@ -1298,14 +1298,14 @@ def check_args(args):
         raise UserError(f"--size {args.size} is not supported — use one of {', '.join(map(str, SUPPORTED_SIZES))}")
     for flag in ("epochs", "batch_size", "log_every", "sample_every", "save_every", "ngf", "ndf"):
         if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is too small — use 1 or more")
     for flag in ("decay_epochs", "pool_size", "eval_every", "workers", "lambda_cyc", "lambda_idt"):
         if getattr(args, flag) < 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 0")
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is negative — use 0 or more")
     if args.decay_epochs > args.epochs:
         raise UserError(f"--decay-epochs {args.decay_epochs} is more than --epochs {args.epochs} — lower it")
     if args.max_steps is not None and args.max_steps < 1:
-        raise UserError("--max-steps must be at least 1")
+        raise UserError(f"--max-steps {args.max_steps} is too small — use 1 or more")
     if args.amp and not args.fast:
         raise UserError("--amp goes with --fast; --no-fast is the plain fp32 run — leave out one of them")
     if args.eval_every and args.random_data:

@@ -939,26 +939,28 @@ def check_args(args):
                 "--eval-n": args.eval_n}
     for flag, value in positive.items():
         if not 0 < value < math.inf:  # also refuses nan, which every comparison fails
-            raise UserError(f"{flag} must be positive, not {value}")
+            raise UserError(f"{flag} must be positive, not {value} — pass a number above 0")
     not_negative = {"--workers": args.workers, "--sample-every": args.sample_every,
                     "--eval-every": args.eval_every}
     for flag, value in not_negative.items():
         if value < 0:
-            raise UserError(f"{flag} must be 0 or more, not {value}")
+            raise UserError(f"{flag} must be 0 or more, not {value} — pass 0 (off) or more")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file, not a folder — pass a folder path")
     if args.generate is not None:
         if args.generate <= 0 or not args.ckpt or not args.out:
-            raise UserError("--generate N needs N > 0, --ckpt PATH and --out DIR")
+            raise UserError("--generate N needs N > 0, --ckpt PATH and --out DIR — e.g. --generate 500 "
+                            "--ckpt runs/dcgan_normal_64/checkpoints/last.pt --out fakes/normal")
         if args.resume is not None:
             raise UserError("--generate and --resume do not go together — drop one")
         return
     if args.ckpt:
-        raise UserError("--ckpt is for --generate; to continue training use --resume PATH")
+        raise UserError("--ckpt is only for --generate — to continue training use --resume PATH")
     if args.cls is None:
-        raise UserError(f"training needs --cls, one of {', '.join(CLASSES)}")
+        raise UserError(f"training needs a class — add --cls, one of {', '.join(CLASSES)}")
     if not 0 <= args.dropout < 1 or not 0 <= args.label_smoothing < 0.5:
-        raise UserError("--dropout must be in [0, 1) and --label-smoothing in [0, 0.5)")
+        raise UserError(f"--dropout {args.dropout} / --label-smoothing {args.label_smoothing} out of range — "
+                        "use --dropout in [0, 1) and --label-smoothing in [0, 0.5)")
     if args.amp and not args.fast:
         raise UserError("--amp needs --fast (--no-fast is the plain fp32 run) — drop one of them")
     if args.random_data and args.eval_every:
@@ -966,7 +968,7 @@ def check_args(args):
     if args.eval_every and args.eval_n < 2:
         raise UserError(f"--eval-n {args.eval_n} is too small — use 2 or more (FID needs a covariance)")
     if args.max_steps is not None and args.max_steps <= 0:
-        raise UserError(f"--max-steps must be positive, not {args.max_steps}")
+        raise UserError(f"--max-steps must be positive, not {args.max_steps} — pass 1 or more")
     args.size = args.size or DEFAULT_SIZE
     args.channels = args.channels or 1
     args.out = args.out or f"runs/dcgan_{args.cls}_{args.size}"

@@ -25,13 +25,13 @@ What it does
      cycle error |G_dst2src(G_src2dst(x)) - x|.
   --minutes 0 --work DIR measures a run made before, without training.
 
-KID: unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et
-al. 2018), mean and std over 50 random subsets, as torch-fidelity does.
+The CNN and KID (50 subsets of up to 100 images, metrics.py's kernel_inception_distance):
+tests/evidence_common.py.
 
-Measured (2 shared CPU cores, defaults, seed 0): 2,185 steps (10.9 epochs) in 6 minutes; the
-CNN calls 37 of 50 translations viral (0 of the untranslated), KID on its features falls from
-1.80 (untranslated) to 0.31 (real viral test: 0.00; jittered as in training: 0.62), the axis
-position moves from 0.36 to 1.26 (real viral test: 1.08), 12.8 grey levels changed on average.
+Measured (idle 2-core CPU, defaults, seed 0): 1,903 steps (9.5 epochs) in 6 minutes; the CNN
+calls 37 of 50 translations viral (0 of the untranslated), KID on its features falls from 1.81
+(untranslated) to 0.37 (real viral test: 0.00; jittered as in training: 0.62), the axis
+position moves from 0.36 to 1.55 (real viral test: 1.08), 15.7 grey levels changed on average.
 With the phantoms drawn at 64 px instead (before PHANTOM_SCALE), the same flags gave 0 of 50
 after 1,600 and after 5,416 steps: the jitter's 64 -> 72 px enlargement blurred away the viral
 texture in everything D_dst saw (the CNN called only 26% of real viral test images, so
@@ -47,9 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,70 +55,10 @@ sys.path.insert(0, str(REPO))
 
 import cyclegan  # noqa: E402
 import prep  # noqa: E402
+from evidence_common import kid, to_float, train_classifier  # noqa: E402
 
-KID_SUBSETS = 50
 PIXEL_SIDE = 16      # the pixels-only measure: 16 x 16 = 256 numbers per image
 PHANTOM_SCALE = 2    # phantoms drawn at 2 x --size, then downsampled (see main)
-
-
-class SmallCNN(nn.Module):
-    """(B, 1, S, S) -> 2 logits (src, dst); features() gives the 64 globally pooled channels."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),   # (B, 64, S/4, S/4)
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())                           # (B, 64)
-        self.head = nn.Linear(64, 2)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-def to_float(images_uint8):
-    return images_uint8.float() / 127.5 - 1
-
-
-def train_classifier(x, y, test_x, test_y, epochs=15, seed=0):
-    torch.manual_seed(seed)
-    net = SmallCNN()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(net(to_float(x[idx])), y[idx]).backward()
-            opt.step()
-    # Batch-norm statistics of the final weights over the whole train split: the running averages
-    # of the last steps can be far off (test accuracy at chance in eval mode, 0.99 in train mode).
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None                  # a plain average over the batches below
-    with torch.no_grad():
-        for idx in torch.arange(len(x)).split(64):
-            net(to_float(x[idx]))
-    net.eval()
-    with torch.no_grad():
-        acc = (net(to_float(test_x)).argmax(1) == test_y).float().mean().item()
-    return net, acc
-
-
-def kid(a, b, subsets=KID_SUBSETS, seed=0):
-    """Unbiased MMD^2, cubic polynomial kernel: mean and std over random subsets of min(|a|, |b|, 100)."""
-    rng = np.random.default_rng(seed)
-    m, d = min(100, len(a), len(b)), a.shape[1]
-    values = []
-    for _ in range(subsets):
-        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
-        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        off = ~np.eye(m, dtype=bool)
-        values.append(kxx[off].mean() + kyy[off].mean() - 2 * kxy.mean())
-    return float(np.mean(values)), float(np.std(values))
 
 
 def measures(net, real, images, real_src, start=None):
@@ -213,7 +151,7 @@ def main():
     split = {s: [cyclegan.load_images(cyclegan.class_images(data / s, c), args.size) for c in (args.src, args.dst)]
              for s in ("train", "test")}
     xy = lambda s: (torch.cat(split[s]), torch.cat([torch.full((len(x),), i) for i, x in enumerate(split[s])]))  # noqa: E731
-    net, acc = train_classifier(*xy("train"), *xy("test"), seed=args.seed)
+    net, acc = train_classifier(*xy("train"), *xy("test"), n_classes=2, epochs=15, seed=args.seed)
     src_test, real_dst, dst_test = split["test"][0], split["train"][1], split["test"][1]
     print(f"data: synthetic phantoms, {args.size} px, {args.n} train / {len(src_test)} test images per "
           f"class; small CNN {args.src} vs {args.dst} test accuracy {acc:.3f} [{time.time() - t0:.0f} s]")

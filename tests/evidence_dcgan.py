@@ -22,9 +22,8 @@ What it does
   5. With --fid-weights (the FID Inception, pt_inception-2015-12-05), also FID/IS/KID from
      metrics.py; without, that row is left out and the output says so.
 
-KID: unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al.
-2018), mean over 50 random subsets of up to 100 images, as torch-fidelity does. FID: Frechet
-distance of Gaussians fitted to the features (scipy sqrtm, as pytorch-fid).
+The CNN, KID (50 subsets of up to 100 images) and FID on its features: tests/evidence_common.py,
+which uses metrics.py's kernel_inception_distance and frechet_distance.
 """
 
 import argparse
@@ -36,10 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import scipy.linalg
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,71 +43,10 @@ sys.path.insert(0, str(REPO))
 
 import dcgan  # noqa: E402
 import prep  # noqa: E402
+from evidence_common import fid, kid, to_float, train_classifier  # noqa: E402
 
 CLASSES = ("normal", "bacterial", "viral")  # the classes prep.py synthetic makes
-KID_SUBSETS, KID_SUBSET_SIZE = 50, 100
 PIXEL_SIDE = 16  # pixels-only measure: images downsampled to 16 x 16 = 256 numbers
-
-
-class SmallCNN(nn.Module):
-    """(B, 1, S, S) -> class logits; features() gives the 64 globally pooled channels."""
-
-    def __init__(self, n_classes=len(CLASSES)):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),  # (B, 64, S/4, S/4)
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())                        # (B, 64)
-        self.head = nn.Linear(64, n_classes)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-def to_float(images_uint8):
-    return images_uint8.float() / 127.5 - 1
-
-
-def train_classifier(train_x, train_y, test_x, test_y, epochs=20, seed=0):
-    torch.manual_seed(seed)
-    net = SmallCNN()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_x)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(net(to_float(train_x[idx])), train_y[idx]).backward()
-            opt.step()
-    net.eval()
-    with torch.no_grad():
-        acc = (net(to_float(test_x)).argmax(1) == test_y).float().mean().item()
-    return net, acc
-
-
-def kid(a, b, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0):
-    """Unbiased MMD^2, cubic polynomial kernel, mean and std over random subsets."""
-    rng = np.random.default_rng(seed)
-    m = min(subset_size, len(a), len(b))
-    d = a.shape[1]
-    values = []
-    for _ in range(subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
-        y = b[rng.choice(len(b), m, replace=False)]
-        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
-        off = ~np.eye(m, dtype=bool)
-        values.append(kxx[off].mean() + kyy[off].mean() - 2 * kxy.mean())
-    return float(np.mean(values)), float(np.std(values))
-
-
-def fid(a, b):
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eps = 1e-6 * np.eye(len(s1))  # keeps sqrtm stable when a covariance is near singular
-    covmean = scipy.linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
 
 
 def measures(net, real, images, cls_index):
@@ -163,7 +98,7 @@ def main():
         prep.make_synthetic(data, n=args.n, size=args.size, seed=args.seed, workers=2)
     train_x, train_y = load_split(data / "train", args.size)
     test_x, test_y = load_split(data / "test", args.size)
-    net, acc = train_classifier(train_x, train_y, test_x, test_y, seed=args.seed)
+    net, acc = train_classifier(train_x, train_y, test_x, test_y, len(CLASSES), epochs=20, seed=args.seed)
     print(f"data: synthetic phantoms, {args.size} px, {len(train_x)} train / {len(test_x)} test "
           f"images; small CNN test accuracy {acc:.3f} (chance {1 / len(CLASSES):.3f}) "
           f"[{time.time() - t0:.0f} s]")
