@@ -65,14 +65,14 @@ def measures(net, real, images, cls_index):
 def load_split(root, size):
     xs, ys = [], []
     for i, cls in enumerate(CLASSES):
-        x = dcgan.load_images(dcgan.class_paths(root, cls), size, 1, workers=1)
+        x = dcgan.load_class(root, cls, size, 1, 1)
         xs.append(x)
         ys.append(torch.full((len(x),), i))
     return torch.cat(xs), torch.cat(ys)
 
 
 def generator_samples(netG, n, seed):
-    return torch.cat([dcgan.sample(netG, z) for z in dcgan.noise_batches(n, dcgan.NZ, "normal", seed, 100)])
+    return dcgan.sample(netG, dcgan.fixed_z(n, "normal", seed))
 
 
 def main():
@@ -132,7 +132,7 @@ def main():
         print("  " + line)
     ckpt = dcgan.load_checkpoint(run / "checkpoints" / "last.pt")
     g1 = dcgan.Generator(args.size)
-    g1.load_state_dict(ckpt["netG"])
+    g1.load_state_dict(ckpt["G"])
     print(f"trained generator: step {ckpt['step']} ({ckpt['step'] / (60 * args.minutes):.2f} steps/s)")
 
     ci = CLASSES.index(args.cls)
