@@ -109,16 +109,15 @@ def run(device="cpu", n=64, batch_size=50, weights=None, repeats=2, seed=0):
         if kind == "random":
             weights = str(Path(tmp) / "random_inception.pth")
             torch.save(state, weights)
-        ours = {name: metrics.InceptionFeatures(weights, device, batch_size, channels_last=cl)
-                for name, cl in (("metrics_channels_last", True), ("metrics_nchw", False))}
+        model, network = metrics.load_inception(weights, device)
     variants = {}
     if reference is not None:
         variants["pytorch_fid"] = lambda imgs: pytorch_fid_features(reference, imgs, batch_size, device)
-    variants.update({name: (lambda imgs, f=f: f(imgs)[0]) for name, f in ours.items()})
+    variants["metrics"] = lambda imgs: metrics.inception_features(model, imgs, batch_size)[0]
 
     seconds = {name: [] for name in variants}
     features = {}
-    with metrics.tf32_off(device):
+    with metrics.tf32_off():
         for name, fn in variants.items():      # warm-up: allocations, cuDNN autotuning, caches
             fn(images[:batch_size])
         for _ in range(repeats):
@@ -131,26 +130,21 @@ def run(device="cpu", n=64, batch_size=50, weights=None, repeats=2, seed=0):
               "image_size": IMAGE_SIZE, "weights": kind,
               "images_per_s": {k: n / min(v) for k, v in seconds.items()},
               "images_per_s_median": {k: n / statistics.median(v) for k, v in seconds.items()},
-              "network": ours["metrics_nchw"].network}
+              "network": network}
     if reference is None:
         result["pytorch_fid"] = "not installed"
         return result
-    base = features["pytorch_fid"]
-    half = n // 2
-    fid_reference = metrics.frechet_distance(*metrics.feature_statistics(base[:half]),
-                                             *metrics.feature_statistics(base[half:])) if half >= 2 else None
-    result.update(max_abs_feature=float(np.abs(base).max()), max_abs_diff={}, fid_rel_diff={})
-    for name in ours:
-        result["max_abs_diff"][name] = float(np.abs(features[name] - base).max())
-        if fid_reference is not None:
-            fid = metrics.frechet_distance(*metrics.feature_statistics(features[name][:half]),
-                                           *metrics.feature_statistics(features[name][half:]))
-            result["fid_rel_diff"][name] = abs(fid - fid_reference) / fid_reference
-        result[f"speedup_{name}"] = result["images_per_s"][name] / result["images_per_s"]["pytorch_fid"]
+    base, ours, half = features["pytorch_fid"], features["metrics"], n // 2
+    result.update(max_abs_feature=float(np.abs(base).max()), max_abs_diff=float(np.abs(ours - base).max()),
+                  speedup=result["images_per_s"]["metrics"] / result["images_per_s"]["pytorch_fid"])
+    if half >= 2:  # the FID of the first half of the images against the second, from either's features
+        fid_ref, fid = (metrics.frechet_distance(*metrics.feature_statistics(f[:half]),
+                                                 *metrics.feature_statistics(f[half:])) for f in (base, ours))
+        result["fid_rel_diff"] = abs(fid - fid_ref) / fid_ref
     return result
 
 
-def frechet_timing(d=metrics.POOL3_DIM, sizes=(1000, 4096), seed=0):
+def frechet_timing(d=2048, sizes=(1000, 4096), seed=0):
     """Seconds for metrics.frechet_distance and pytorch-fid's calculate_frechet_distance (SciPy
     sqrtm) on statistics of synthetic d-dim features, N < d (singular) and N > d; and the values."""
     from pytorch_fid.fid_score import calculate_frechet_distance
@@ -187,12 +181,10 @@ def main(argv=None):
     print(f"feature extraction, {r['n']} images of {IMAGE_SIZE}x{IMAGE_SIZE} -> 299, batch {r['batch_size']}, "
           f"{r['device_name']} ({r['weights']} weights):")
     for name, ips in r["images_per_s"].items():
-        line = f"  {name:<22} {ips:7.2f} images/s (median {r['images_per_s_median'][name]:.2f})"
-        if name != "pytorch_fid" and "pytorch_fid" in r["images_per_s"]:
-            line += (f"  x{r[f'speedup_{name}']:.2f}  max |diff| {r['max_abs_diff'][name]:.2e} "
-                     f"(features up to {r['max_abs_feature']:.2f})")
-            if name in r["fid_rel_diff"]:
-                line += f"  FID rel diff {r['fid_rel_diff'][name]:.1e}"
+        line = f"  {name:<12} {ips:7.2f} images/s (median {r['images_per_s_median'][name]:.2f})"
+        if name == "metrics" and "speedup" in r:
+            line += (f"  x{r['speedup']:.2f}  max |diff| {r['max_abs_diff']:.2e} (features up to "
+                     f"{r['max_abs_feature']:.2f})  FID rel diff {r.get('fid_rel_diff', float('nan')):.1e}")
         print(line)
     if "pytorch_fid" not in r["images_per_s"]:
         print("  (pytorch-fid is not installed: `pip install pytorch-fid==0.3.0` to compare with it)")
