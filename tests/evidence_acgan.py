@@ -54,8 +54,7 @@ class TinyCNN(nn.Module):
 
 
 def load_split(folder, size):
-    paths, labels = acgan.find_images(folder, CLASSES)
-    return acgan.preload(paths, size, workers=2), labels
+    return acgan.load_images(folder, CLASSES, size, channels=1)
 
 
 def as_input(u8):
@@ -96,10 +95,10 @@ def per_class(pred, y):
     return acc, (pred == y).float().mean().item(), conf.tolist()
 
 
-def fakes(G, n, latent_dim, seed):
-    noise = torch.Generator().manual_seed(seed)
-    xs = [acgan.generate_images(G.eval(), k, n, latent_dim, noise, 256) for k in range(len(CLASSES))]
-    return torch.cat(xs), torch.arange(len(CLASSES)).repeat_interleave(n)
+def fakes(G, n, seed):
+    """n images of each class (eval mode), each from its own z."""
+    labels = torch.arange(len(CLASSES)).repeat_interleave(n)
+    return acgan.sample(G, acgan.fixed_z(n * len(CLASSES), seed), labels), labels
 
 
 def main():
@@ -128,7 +127,7 @@ def main():
             "--g-channels", str(args.g_channels), "--d-channels", str(args.d_channels),
             "--batch-size", str(args.batch_size), "--epochs", "100000", "--max-steps", str(args.steps),
             "--log-every", "100", "--sample-every", str(args.steps), "--save-every", str(args.steps),
-            "--device", "cpu", "--workers", "2"]
+            "--device", "cpu"]
     if (run / "checkpoints/last.pt").exists():
         argv.append("--resume")
     t_gan = time.time()
@@ -141,17 +140,17 @@ def main():
     _, clf_real_acc, _ = per_class(predict(clf, x_test), y_test)
 
     ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
-    G = acgan.Generator(len(CLASSES), 1, args.size, acgan.LATENT_DIM, args.g_channels)
-    G.load_state_dict(ckpt["generator"])
+    G = acgan.Generator(len(CLASSES), 1, args.size, args.g_channels)
+    G.load_state_dict(ckpt["G"])
     D = acgan.Discriminator(len(CLASSES), 1, args.size, args.d_channels)
-    D.load_state_dict(ckpt["discriminator"])
+    D.load_state_dict(ckpt["D"])
     D.eval()
-    torch.manual_seed(0)                      # the untrained generator, initialised as acgan.train does
-    G0 = acgan.Generator(len(CLASSES), 1, args.size, acgan.LATENT_DIM, args.g_channels)
+    torch.manual_seed(0)                      # an untrained generator, initialised as acgan.py does
+    G0 = acgan.Generator(len(CLASSES), 1, args.size, args.g_channels)
     G0.apply(acgan.init_weights)
 
-    x_fake, y_fake = fakes(G, args.n_fake, acgan.LATENT_DIM, seed=123)
-    x_fake0, y_fake0 = fakes(G0, args.n_fake, acgan.LATENT_DIM, seed=123)
+    x_fake, y_fake = fakes(G, args.n_fake, seed=123)
+    x_fake0, y_fake0 = fakes(G0, args.n_fake, seed=123)
     clf_fake, clf_fake_all, clf_conf = per_class(predict(clf, x_fake), y_fake)
     clf_fake0, clf_fake0_all, clf_conf0 = per_class(predict(clf, x_fake0), y_fake0)
     d_real, d_real_all, _ = per_class(d_class_predictions(D, x_test), y_test)
@@ -180,9 +179,10 @@ def main():
         f"{c} {std_fake[c]:.3f} vs {std_real[c]:.3f}" for c in CLASSES))
     print(f"CNN confusion on fakes, trained G (rows asked {CLASSES}, cols predicted): {clf_conf}")
     print(f"CNN confusion on fakes, untrained G: {clf_conf0}")
-    epochs_csv = run / "epochs.csv"
-    if epochs_csv.exists():
-        print("last epoch of training (epochs.csv):", epochs_csv.read_text().strip().splitlines()[-1])
+    header, *rows = (run / "log.csv").read_text().strip().splitlines()
+    last = dict(zip(header.split(","), rows[-1].split(",")))
+    print(f"D's class head accuracy over the last logged steps of training (log.csv, step {last['step']}): "
+          f"{last['cls_acc_real']} on real, {last['cls_acc_fake']} on fake images")
     result = {"steps": args.steps, "size": args.size, "n": args.n, "g_channels": args.g_channels,
               "d_channels": args.d_channels, "minutes_training": t_gan / 60, "chance": chance,
               "clf_real_test": clf_real_acc, "clf_fake": clf_fake, "clf_fake_all": clf_fake_all,
