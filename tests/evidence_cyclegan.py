@@ -81,18 +81,21 @@ def measures(net, real, images, real_src, start=None):
 
 
 def jittered(folder, cls, size, seed):
-    """The images of one class as cyclegan.py's training sees them: loaded at round(size * 286/256)
-    and cropped back to size at a random offset. The CNN should call real dst images so jittered
-    dst too, or it could not recognise what D_dst teaches G_src2dst to draw."""
-    images = cyclegan.load_images(cyclegan.class_images(folder, cls), round(size * cyclegan.LOAD_SCALE))
-    g = torch.Generator().manual_seed(seed)
-    top, left = torch.randint(0, images.shape[-1] - size + 1, (2, len(images)), generator=g).tolist()
-    return torch.stack([im[:, t:t + size, l:l + size] for im, t, l in zip(images, top, left)])
+    """The images of one class as cyclegan.py's training sees them: decoded at round(size * 286/256)
+    and cropped back to size at a random offset (cyclegan.jitter). The CNN should call real dst
+    images so jittered dst too, or it could not recognise what D_dst teaches G_src2dst to draw."""
+    load_size = round(size * cyclegan.JITTER)
+    images = load(folder, cls, load_size)
+    rows = cyclegan.epoch_plan(len(images), len(images), len(images), load_size - size, False, seed, 0)[0, :4]
+    return ((cyclegan.jitter(images, rows, size) + 1) * 127.5).round().byte()
+
+
+def load(folder, cls, size):
+    return cyclegan.load_class(folder, cls, size, 1, 1)
 
 
 def translate(G, x):
-    with cyclegan.eval_mode(G):
-        return cyclegan.translate_images(G, x, torch.device("cpu"))
+    return cyclegan.translate_images(G, x)
 
 
 def train(args, data, run, work, resume):
@@ -100,7 +103,7 @@ def train(args, data, run, work, resume):
     cmd = [sys.executable, str(REPO / "cyclegan.py"), "--src", args.src, "--dst", args.dst,
            "--data", str(data / "train"), "--size", str(args.size), "--generator", args.generator,
            "--ngf", str(args.ngf), "--ndf", str(args.ndf), "--out", str(run), "--seed", str(args.seed),
-           "--device", "cpu", "--workers", "1", "--epochs", "100000", "--decay-epochs", "0",
+           "--device", "cpu", "--epochs", "100000", "--decay-epochs", "0",
            "--log-every", "50", "--sample-every", "500", "--save-every", "100000"] + ["--resume"] * resume
     print("training: python", " ".join(cmd[1:]), f"for {args.minutes} min, then Ctrl-C")
     log_path = work / "train.log"
@@ -115,7 +118,7 @@ def train(args, data, run, work, resume):
     lines = log_path.read_text().splitlines()
     if proc.returncode != 130:
         sys.exit(f"training ended with code {proc.returncode}; see {log_path}")
-    for line in [line for line in lines if line.startswith("step ")][-2:]:
+    for line in [line for line in lines if line.startswith("[")][-2:]:
         print("  " + line)
 
 
@@ -148,8 +151,7 @@ def main():
     # would enlarge them and blur the one-pixel viral texture that the CNN keys on (then only 26%
     # of real viral test images, jittered so, are called viral), while the test images stay sharp.
     prep.make_synthetic(data, n=args.n, size=PHANTOM_SCALE * args.size, seed=args.seed, workers=2)
-    split = {s: [cyclegan.load_images(cyclegan.class_images(data / s, c), args.size) for c in (args.src, args.dst)]
-             for s in ("train", "test")}
+    split = {s: [load(data / s, c, args.size) for c in (args.src, args.dst)] for s in ("train", "test")}
     xy = lambda s: (torch.cat(split[s]), torch.cat([torch.full((len(x),), i) for i, x in enumerate(split[s])]))  # noqa: E731
     net, acc = train_classifier(*xy("train"), *xy("test"), n_classes=2, epochs=15, seed=args.seed)
     src_test, real_dst, dst_test = split["test"][0], split["train"][1], split["test"][1]
@@ -168,10 +170,9 @@ def main():
         sys.exit(f"--minutes 0 measures an existing run, and {last} does not exist")
     ckpt = cyclegan.load_checkpoint(last)
     model1 = cyclegan.CycleGAN(args.generator, 1, args.size, args.ngf, args.ndf)
-    for name, sub in model1.named_children():
-        sub.load_state_dict(ckpt["models"][name])
+    model1.load_state_dict(ckpt["nets"])
     steps = ckpt["step"]
-    print(f"trained: step {steps}, {steps / ckpt['steps_per_epoch']:.1f} epochs")
+    print(f"trained: step {steps}, {steps / max(len(x) for x in split['train']):.1f} epochs")
 
     fake1 = translate(model1.G_src2dst, src_test)
     rows = {f"{args.src} test, untranslated": src_test,

@@ -1,9 +1,18 @@
-"""Tests for cyclegan.py: shapes, the paper's details against closed forms, and whole runs on a tiny
-synthetic set (32 px, narrow nets) on the CPU. Run: python -m pytest -q tests/test_cyclegan.py"""
+"""Tests for cyclegan.py. CPU only, no downloads; 32 px phantoms, narrow nets (ngf = ndf = 8), a few
+steps per run; parameter counts on the meta device.
+
+Parameter counts and layer shapes are checked against closed forms from Zhu et al.'s App. 7.2 (and
+the reference code's printed totals), the training step against Eq. 3 + the identity term written
+out independently, the jitter against plain slicing, and resume against an uninterrupted run.
+"""
+
+import contextlib
+import copy
 import csv
 import json
 import math
-import shutil
+import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -17,37 +26,65 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import cyclegan  # noqa: E402
-import prep  # noqa: E402
 
-# Tiny but complete: every run below uses the real architectures, only narrower and at 32 px.
-TINY = ["--size", "32", "--ngf", "8", "--ndf", "8", "--workers", "0", "--device", "cpu"]
-GAN_LOSS_CALLS_PER_STEP = 6          # 2 in the generator step, 4 in the discriminator step
+import cyclegan  # noqa: E402
+
+SIZE, N_TRAIN = 32, 8  # 8 train and 2 test images per class; batch 4: 2 steps per epoch
+FAST = ["--size", str(SIZE), "--ngf", "8", "--ndf", "8", "--batch-size", "4", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny nets gain nothing from a second thread, and other test runs share the two cores."""
-    threads = torch.get_num_threads()
+    """Tiny tensors: a second OpenMP thread only fights the other test processes for the cores."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    """prep.py's phantoms: 4 train images per class (an epoch is 4 steps) and 1 test image."""
+    import prep
+
     out = tmp_path_factory.mktemp("synth")
-    prep.make_synthetic(out, n=4, size=32, seed=0)
+    prep.make_synthetic(out, n=N_TRAIN, size=SIZE, seed=0)
     return out
 
 
-def train_args(synth, out, *extra):
-    return ["--src", "normal", "--dst", "viral", "--data", str(synth / "train"), "--out", str(out),
-            *TINY, *extra]
+def train_argv(synth, out, *extra, dst="viral"):
+    return ["--src", "normal", "--dst", dst, "--data", str(synth / "train"), "--out", str(out), *FAST, *extra]
 
 
-def read_csv(path):
+@pytest.fixture(scope="module")
+def short_run(synth, tmp_path_factory):
+    """One 4-step run (2 epochs of 2 steps) shared by the tests that only read its outputs. Warnings
+    are kept, to check that the schedulers step after the optimizers."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cyclegan.main(train_argv(synth, out, "--epochs", "2", "--decay-epochs", "1", "--log-every", "1",
+                                 "--sample-every", "2", "--save-every", "2"))
+    return out, [str(w.message) for w in caught]
+
+
+def run_main(argv):
+    """main(argv) -> its exit code (0 when it returns; a SystemExit message counts as 1)."""
+    try:
+        cyclegan.main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+def error_line(capsys):
+    """stderr, checked to be exactly one `error:` line without a traceback."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def read_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -56,171 +93,126 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def assert_one_line_error(capsys, code, excinfo, *needles):
-    assert excinfo.value.code == code
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
 
 
-@pytest.fixture(scope="module")
-def trained(synth, tmp_path_factory):
-    """One short run (2 epochs of 4 steps) shared by the output and --translate tests. Warnings are
-    recorded, to check that the scheduler is stepped after the optimizers."""
-    out = tmp_path_factory.mktemp("run") / "cg"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cyclegan.main(train_args(synth, out, "--epochs", "2", "--decay-epochs", "1", "--log-every", "2",
-                                 "--sample-every", "4", "--save-every", "4"))
-    return out, [str(w.message) for w in caught]
+def conv(c_in, c_out, k):
+    return c_in * c_out * k * k + c_out  # weights and bias: instance norm without affine needs the bias
 
 
-# --- models --------------------------------------------------------------------------------------
+# -- Models ----------------------------------------------------------------------------------------
+
+def test_parameter_counts_and_layers_match_the_reference():
+    """Closed forms from App. 7.2's layer lists, RGB at 256 px, ngf = ndf = 64. The reference code
+    prints the same networks as 11.378 M (resnet_9blocks), 2.765 M (basic D) and, with its batch
+    norm, 54.414 M (unet_256)."""
+    with torch.device("meta"):  # shapes and counts only: no memory, no compute
+        resnet, D = cyclegan.ResnetGenerator(3, 9), cyclegan.PatchDiscriminator(3)
+        unet = cyclegan.UnetGenerator(3, 256)
+        small = cyclegan.CycleGAN("resnet", 1, 128)
+    assert n_params(resnet) == (conv(3, 64, 7) + conv(64, 128, 3) + conv(128, 256, 3)  # c7s1-64 d128 d256
+                                + 9 * 2 * conv(256, 256, 3)                             # R256 x 9
+                                + conv(256, 128, 3) + conv(128, 64, 3) + conv(64, 3, 7)) == 11_378_179
+    assert n_params(D) == (conv(3, 64, 4) + conv(64, 128, 4) + conv(128, 256, 4) + conv(256, 512, 4)
+                           + conv(512, 1, 4)) == 2_764_737                              # C64-C128-C256-C512, 1
+    weights = sum(m.weight.numel() for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+    norms = [m for m in unet.modules() if isinstance(m, nn.InstanceNorm2d)]
+    assert len(norms) == 6 + 7  # downs 2..7, every up
+    assert round((weights + sum(2 * m.num_features for m in norms)) / 1e6, 3) == 54.414  # as with batch norm
+    assert [any(isinstance(m, nn.Dropout) for m in up.modules()) for up in unet.ups] == [True] * 3 + [False] * 4
+    # Reflection padding of 3 around the 7x7 convolutions (never the channel count), 1 in the blocks;
+    # 9 residual blocks at 256 px, 6 at 128 (App. 7.2).
+    assert [m.padding for m in resnet if isinstance(m, nn.ReflectionPad2d)] == [(3, 3, 3, 3)] * 2
+    assert sum(isinstance(m, cyclegan.ResnetBlock) for m in resnet) == 9
+    assert sum(isinstance(m, cyclegan.ResnetBlock) for m in small.G_src2dst) == 6
+    for net in (resnet, D, unet, small):  # instance norm (Sec. 4) without affine or running stats
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        norms = [m for m in net.modules() if isinstance(m, nn.InstanceNorm2d)]
+        assert norms and all(not m.affine and not m.track_running_stats for m in norms)
+        assert all(m.bias is not None for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    assert not any(isinstance(m, (nn.Sigmoid, nn.Softmax)) for m in D.modules())  # logits
+
 
 @pytest.mark.parametrize("kind", ["resnet", "unet"])
-@pytest.mark.parametrize("size", [64, 128, 256])
-def test_generator_keeps_size(kind, size):
-    G = cyclegan.make_generator(kind, 1, size, ngf=8)
-    x = torch.rand(1, 1, size, size) * 2 - 1
-    with torch.no_grad():
-        y = G(x)
-    assert y.shape == x.shape
-    assert y.abs().max() <= 1                                   # tanh
-    if kind == "resnet":                                        # App. 7.2: 6 blocks to 128, 9 from 256
-        blocks = sum(isinstance(m, cyclegan.ResnetBlock) for m in G.modules())
-        assert blocks == (9 if size >= 256 else 6)
-        pads = [m.padding for m in G.model if isinstance(m, nn.ReflectionPad2d)]
-        assert pads == [(3, 3, 3, 3)] * 2                       # around the 7x7 convs, not the channel count
-    else:                                                       # log2(size) downs, to 1x1
-        assert len(G.downs) == int(math.log2(size))
-        shapes = []
-        G.downs[-1].register_forward_hook(lambda m, i, o: shapes.append(o.shape))
-        with torch.no_grad():
-            G(x)
-        assert shapes[0][-2:] == (1, 1)
-        dropouts = [any(isinstance(m, nn.Dropout) for m in up.modules()) for up in G.ups]
-        assert dropouts == [True] * 3 + [False] * (len(G.ups) - 3)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_at_every_size(kind, channels):
+    for size in cyclegan.SIZES:
+        with torch.device("meta"):
+            nets = cyclegan.CycleGAN(kind, channels, size)
+            x = torch.empty(2, channels, size, size)
+            fake = nets.G_src2dst(x)
+            assert fake.shape == x.shape and nets.D_dst(fake).shape == (2, 1, size // 8 - 2, size // 8 - 2)
+    assert nets.D_dst(torch.empty(1, channels, 256, 256, device="meta")).shape == (1, 1, 30, 30)
+    if kind == "unet":  # log2(size) downsamplings reach 1 x 1
+        assert len(nets.G_src2dst.downs) == int(math.log2(size))
 
 
-def test_three_channels_and_unsupported_sizes():
-    G = cyclegan.make_generator("resnet", 3, 32, ngf=4)
-    assert G(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
-    for size in (100, 48, 16):
-        with pytest.raises(ValueError, match=f"size {size}"):
-            cyclegan.make_generator("resnet", 1, size)
-    with pytest.raises(ValueError, match="power-of-two"):
-        cyclegan.UnetGenerator(1, 1, 96)
-
-
-def test_patchgan_gives_30x30_logits_and_sees_70x70_patches():
-    D = cyclegan.PatchDiscriminator(1, ndf=8)
-    assert D(torch.randn(2, 1, 256, 256)).shape == (2, 1, 30, 30)
-    assert not any(isinstance(m, (nn.Sigmoid, nn.Softmax)) for m in D.modules())   # logits
-    # Receptive field: with the (global) instance norms removed, one logit's gradient reaches
-    # exactly a 70 x 70 window of the input.
-    for i, m in enumerate(D.model):
+def test_patchgan_sees_70x70_patches():
+    """With the (global) instance norms removed, one logit's gradient reaches exactly 70 x 70 pixels."""
+    D = cyclegan.PatchDiscriminator(1, ndf=4)
+    for i, m in enumerate(D):
         if isinstance(m, nn.InstanceNorm2d):
-            D.model[i] = nn.Identity()
+            D[i] = nn.Identity()
     x = torch.randn(1, 1, 256, 256, requires_grad=True)
     D(x)[0, 0, 15, 15].backward()
     rows, cols = torch.nonzero(x.grad[0, 0], as_tuple=True)
-    assert rows.max() - rows.min() + 1 == 70
-    assert cols.max() - cols.min() + 1 == 70
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (70, 70)
 
 
-def test_weights_are_initialised_from_n_0_002():
-    model = cyclegan.CycleGAN("resnet", 1, 64, ngf=16, ndf=16)
-    weights = torch.cat([m.weight.flatten() for m in model.modules()
-                         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
+def test_init_is_n_0_002_with_zero_biases_and_output_in_tanh_range():
+    torch.manual_seed(0)
+    nets = cyclegan.CycleGAN("resnet", 1, SIZE, ngf=16, ndf=16)
+    weights = torch.cat([m.weight.flatten() for m in nets.modules() if isinstance(m, nn.modules.conv._ConvNd)])
     assert abs(weights.mean()) < 1e-3 and abs(weights.std() - 0.02) < 1e-3
-    assert all(m.bias.abs().max() == 0 for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert all((m.bias == 0).all() for m in nets.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    with torch.no_grad():
+        assert nets.G_dst2src(torch.randn(2, 1, SIZE, SIZE) * 3).abs().max() <= 1
 
 
-def conv_params(c_in, c_out, k):
-    return c_in * c_out * k * k + c_out                       # weights and bias
-
-
-def test_networks_match_the_reference_layer_tables_and_parameter_counts():
-    """Closed forms from App. 7.2's layer lists, RGB at 256 px with ngf = ndf = 64. The reference
-    code prints the same networks as 11.378 M (resnet_9blocks), 2.765 M (basic D) and, with its
-    batch norm, 54.414 M (unet_256)."""
-    n = lambda net: sum(p.numel() for p in net.parameters())          # noqa: E731
-    resnet = (conv_params(3, 64, 7) + conv_params(64, 128, 3) + conv_params(128, 256, 3)    # c7s1-64 d128 d256
-              + 9 * 2 * conv_params(256, 256, 3)                                            # R256 x 9
-              + conv_params(256, 128, 3) + conv_params(128, 64, 3) + conv_params(64, 3, 7))  # u128 u64 c7s1-3
-    G = cyclegan.make_generator("resnet", 3, 256)
-    assert n(G) == resnet == 11_378_179
-    patch = (conv_params(3, 64, 4) + conv_params(64, 128, 4) + conv_params(128, 256, 4)
-             + conv_params(256, 512, 4) + conv_params(512, 1, 4))                           # C64-C128-C256-C512, 1
-    assert n(cyclegan.PatchDiscriminator(3)) == patch == 2_764_737
-    unet = cyclegan.make_generator("unet", 3, 256)
-    weights = sum(m.weight.numel() for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
-    norms = [m for m in unet.modules() if isinstance(m, nn.InstanceNorm2d)]
-    assert len(norms) == 6 + 7                                  # downs 2..7, every up but the last
-    assert round((weights + sum(2 * m.num_features for m in norms)) / 1e6, 3) == 54.414   # as with batch norm
-    # Instance norm everywhere (Sec. 4), without affine parameters or running statistics.
-    for net in (G, unet, cyclegan.PatchDiscriminator(1, ndf=8)):
-        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-        assert all(not m.affine and not m.track_running_stats
-                   for m in net.modules() if isinstance(m, nn.InstanceNorm2d))
-
-
-# --- losses and helpers ---------------------------------------------------------------------------
+# -- Losses, the pool, the schedule and the training step --------------------------------------------
 
 def test_gan_losses_match_closed_forms():
     logits = torch.tensor([[-1.0, 0.5], [2.0, 0.0]])
+    s = torch.sigmoid(logits)
     assert torch.isclose(cyclegan.gan_loss(logits, True, "lsgan"), ((logits - 1) ** 2).mean())
     assert torch.isclose(cyclegan.gan_loss(logits, False, "lsgan"), (logits ** 2).mean())
-    assert torch.isclose(cyclegan.gan_loss(logits, True, "bce"), -torch.log(torch.sigmoid(logits)).mean())
-    assert torch.isclose(cyclegan.gan_loss(logits, False, "bce"), -torch.log(1 - torch.sigmoid(logits)).mean())
+    assert torch.isclose(cyclegan.gan_loss(logits, True, "bce"), -s.log().mean())
+    assert torch.isclose(cyclegan.gan_loss(logits, False, "bce"), -(1 - s).log().mean())
 
 
-def test_identity_loss_needs_equal_channels():
-    y = torch.rand(1, 1, 32, 32) * 2 - 1
-    G = cyclegan.ResnetGenerator(1, 1, n_blocks=1, ngf=4)
-    assert cyclegan.identity_loss(G, y) >= 0
-    with pytest.raises(ValueError, match="identity loss needs as many input as output channels"):
-        cyclegan.identity_loss(cyclegan.ResnetGenerator(1, 3, n_blocks=1, ngf=4), y)
-
-
-def test_train_step_minimises_the_papers_objective():
+def test_train_step_minimises_eq3_plus_identity():
     """One train_step against Eq. 3 + the identity term written out with the networks as they were
-    before the step: the logged terms, the 1/2 on the D losses, and the gradients each optimizer
+    before the step: every logged term, the 1/2 on the D losses, and the gradients each optimizer
     used (G's from L_G alone, D's from the D losses alone: nothing leaks between them)."""
-    import contextlib
-    import copy
     torch.manual_seed(0)
-    model = cyclegan.CycleGAN("resnet", 1, 32, ngf=4, ndf=4)
-    ref = copy.deepcopy(model)
-    x, y = torch.rand(2, 2, 1, 32, 32) * 2 - 1                  # a src and a dst batch
-    params = lambda *names: [p for name in names for p in getattr(model, name).parameters()]   # noqa: E731
-    opt_G = torch.optim.SGD(params("G_src2dst", "G_dst2src"), lr=0.1)
-    opt_D = torch.optim.SGD(params("D_src", "D_dst"), lr=0.1)
-    terms = cyclegan.train_step(model, opt_G, opt_D, torch.amp.GradScaler("cpu", enabled=False),
-                                cyclegan.ImagePool(0), cyclegan.ImagePool(0), x, y, gan_mode="lsgan",
-                                lambda_cyc=10.0, lambda_idt=0.5, autocast=contextlib.nullcontext,
-                                memory_format=torch.contiguous_format)
+    nets = cyclegan.CycleGAN("resnet", 1, SIZE, ngf=4, ndf=4)
+    ref = copy.deepcopy(nets)
+    x, y = torch.rand(2, 2, 1, SIZE, SIZE) * 2 - 1  # a src and a dst batch
+    params = lambda *names: [p for name in names for p in getattr(nets, name).parameters()]  # noqa: E731
+    opt_g = torch.optim.SGD(params("G_src2dst", "G_dst2src"), 0.1)
+    opt_d = torch.optim.SGD(params("D_src", "D_dst"), 0.1)
+    pool_off, scaler_off = cyclegan.ImagePool(0, 0), torch.amp.GradScaler("cpu", enabled=False)
+    stats = cyclegan.train_step(nets, opt_g, opt_d, scaler_off, pool_off, pool_off, contextlib.nullcontext(), x, y)
+    stats = dict(zip(cyclegan.STATS, stats))
     G, Fy, D_X, D_Y = ref.G_src2dst, ref.G_dst2src, ref.D_src, ref.D_dst
-    l1 = lambda a, b: (a - b).abs().mean()                     # noqa: E731
+    l1 = lambda a, b: (a - b).abs().mean()  # noqa: E731
     fake_y, fake_x = G(x), Fy(y)
     expected = {"G_adv_src2dst": ((D_Y(fake_y) - 1) ** 2).mean(), "G_adv_dst2src": ((D_X(fake_x) - 1) ** 2).mean(),
                 "cycle_src": 10 * l1(Fy(fake_y), x), "cycle_dst": 10 * l1(G(fake_x), y),
-                "idt_src2dst": 5 * l1(G(y), y), "idt_dst2src": 5 * l1(Fy(x), x)}
-    loss_G = sum(expected.values())
-    expected["G_total"] = loss_G
+                "idt_src2dst": 5 * l1(G(y), y), "idt_dst2src": 5 * l1(Fy(x), x)}  # weight 0.5 * lambda = 5
+    loss_g = expected["G_total"] = sum(expected.values())
     expected["D_dst"] = 0.5 * (((D_Y(y) - 1) ** 2).mean() + (D_Y(fake_y.detach()) ** 2).mean())
     expected["D_src"] = 0.5 * (((D_X(x) - 1) ** 2).mean() + (D_X(fake_x.detach()) ** 2).mean())
+    expected.update(D_src_real=D_X(x).mean(), D_dst_fake=D_Y(fake_y).mean())
     for name, value in expected.items():
-        assert torch.isclose(terms[name], value.detach(), rtol=1e-5, atol=1e-6), name
-    for names, loss in ((("G_src2dst", "G_dst2src"), loss_G), (("D_src", "D_dst"), expected["D_src"] + expected["D_dst"])):
+        assert torch.isclose(stats[name], value.detach(), rtol=1e-5, atol=1e-6), name
+    loss_d = expected["D_src"] + expected["D_dst"]
+    for names, loss in ((("G_src2dst", "G_dst2src"), loss_g), (("D_src", "D_dst"), loss_d)):
         ref.zero_grad(set_to_none=True)
         loss.backward(retain_graph=True)
         for name in names:
-            for (where, p), q in zip(getattr(ref, name).named_parameters(), getattr(model, name).parameters()):
+            for (where, p), q in zip(getattr(ref, name).named_parameters(), getattr(nets, name).parameters()):
                 assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), f"{name}.{where}"
 
 
@@ -229,383 +221,300 @@ def images(values):
     return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1)
 
 
-def test_image_pool_fills_first():
-    pool = cyclegan.ImagePool(3, torch.Generator().manual_seed(0))
-    out = pool.query(images([1, 2]))
-    assert torch.equal(out, images([1, 2]))
-    out = pool.query(images([3]))
-    assert torch.equal(out, images([3]))
+def test_image_pool_fills_first_then_swaps_with_probability_one_half():
+    pool = cyclegan.ImagePool(3, seed=0)
+    assert torch.equal(pool.query(images([1, 2])), images([1, 2]))
+    assert torch.equal(pool.query(images([3])), images([3]))
     assert torch.equal(pool.images, images([1, 2, 3]))
-
-
-def test_image_pool_swaps_with_probability_one_half():
     size, n = 5, 4000
-    pool = cyclegan.ImagePool(size, torch.Generator().manual_seed(0))
+    pool = cyclegan.ImagePool(size, seed=0)
     pool.query(images(range(size)))
     swaps, slots = 0, [0] * size
     for i in range(n):
-        before = pool.images.clone()
-        new = 1000.0 + i
+        before, new = pool.images.clone(), 1000.0 + i
         got = pool.query(images([new])).item()
-        if got == new:                                 # kept the new one, pool untouched
+        if got == new:  # kept the new one, pool untouched
             assert torch.equal(pool.images, before)
-        else:                                          # returned a stored one, new one in its slot
+        else:  # returned a stored one, the new one in its slot
             slot = (before.flatten() == got).nonzero().item()
             assert pool.images.flatten()[slot] == new
-            assert torch.equal(torch.cat([pool.images[:slot], pool.images[slot + 1:]]),
-                               torch.cat([before[:slot], before[slot + 1:]]))
-            swaps += 1
-            slots[slot] += 1
-    assert abs(swaps / n - 0.5) < 5 * math.sqrt(0.25 / n)   # binomial(4000, 1/2), 5 sigma
-    assert all(abs(c - swaps / size) < 5 * math.sqrt(swaps / size) for c in slots)   # uniform slots
-    # The same seed gives the same choices (the pool's randomness is its own generator's).
-    a, b = (cyclegan.ImagePool(2, torch.Generator().manual_seed(7)) for _ in range(2))
-    xs = images(range(50))
-    assert torch.equal(torch.cat([a.query(x[None]) for x in xs]), torch.cat([b.query(x[None]) for x in xs]))
+            assert torch.equal(pool.images[torch.arange(size) != slot], before[torch.arange(size) != slot])
+            swaps, slots[slot] = swaps + 1, slots[slot] + 1
+    assert abs(swaps / n - 0.5) < 5 * math.sqrt(0.25 / n)  # binomial(4000, 1/2), 5 sigma
+    assert all(abs(c - swaps / size) < 5 * math.sqrt(swaps / size) for c in slots)  # uniform slots
 
 
-def test_image_pool_of_size_zero_is_off():
-    pool = cyclegan.ImagePool(0)
+def test_image_pool_state_resumes_exactly_and_size_zero_is_off():
+    a, b = cyclegan.ImagePool(2, seed=7), cyclegan.ImagePool(2, seed=99)
+    xs = images(range(40))
+    for x in xs[:20]:
+        a.query(x[None])
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # the stored fakes and the generator's state
+    assert all(torch.equal(a.query(x[None]), b.query(x[None])) for x in xs[20:])
+    off = cyclegan.ImagePool(0, seed=0)
     x = torch.randn(3, 1, 4, 4, requires_grad=True)
-    out = pool.query(x)
-    assert torch.equal(out, x) and not out.requires_grad
-    assert pool.images is None and len(pool.state()) == 0
+    out = off.query(x)
+    assert torch.equal(out, x) and not out.requires_grad and len(off.images) == 0
 
 
-def test_learning_rate_is_constant_then_decays_to_zero():
+def test_learning_rate_is_constant_then_decays_linearly():
     epochs, decay = 10, 4
     factors = [cyclegan.lr_factor(e, epochs, decay) for e in range(epochs)]
     assert factors[:epochs - decay] == [1.0] * (epochs - decay)
-    assert factors[-1] == pytest.approx(1 / (decay + 1))        # reference code: 1 - 4/5
+    assert factors[-1] == pytest.approx(1 / (decay + 1))  # reference code: 1 - 4/5
     assert all(a > b for a, b in zip(factors[epochs - decay - 1:], factors[epochs - decay:]))
-    assert cyclegan.lr_factor(epochs, epochs, decay) == 0.0     # zero one epoch after the end
-    assert [cyclegan.lr_factor(e, 200, 100) for e in (0, 99, 100, 199)] == \
-        pytest.approx([1, 1, 100 / 101, 1 / 101])                # Zhu et al.: 100 + 100 epochs
-    # Driven as in training (scheduler after the optimizer, once per epoch): no warning.
-    param = nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([param], lr=2e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cyclegan.lr_factor(e, epochs, decay))
-    seen = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for _ in range(epochs):
-            seen.append(opt.param_groups[0]["lr"])
-            param.sum().backward()
-            opt.step()
-            sched.step()
-    assert seen[0] == 2e-4 and seen[-1] == pytest.approx(2e-4 / (decay + 1)) and seen[-1] < 0.25 * seen[0]
+    assert cyclegan.lr_factor(epochs, epochs, decay) == 0.0  # zero one epoch after the end
+    assert [cyclegan.lr_factor(e, 200, 100) for e in (0, 99, 100, 199)] == pytest.approx([1, 1, 100 / 101, 1 / 101])
 
 
-# --- data ------------------------------------------------------------------------------------------
+# -- Data ------------------------------------------------------------------------------------------
 
-def test_epoch_is_unaligned_and_a_function_of_seed_and_epoch(synth, tmp_path):
-    src = cyclegan.class_images(synth / "train", "normal")
-    dst = cyclegan.class_images(synth / "train", "viral") * 2       # a larger dst: 8 images
-    data = cyclegan.UnpairedImages(src, dst, 32, 1, False, 0, True, 0, torch.device("cpu"))
-    assert data.steps_per_epoch == 8 and data.load_size == 36       # max(|src|, |dst|); 32 * 286/256
-    g = lambda epoch: torch.Generator().manual_seed(epoch)          # noqa: E731
-    plan = cyclegan.epoch_plan(4, 8, 4, False, g(1))
-    assert sorted(plan.index[:4]) == [0, 1, 2, 3] and sorted(plan.index[4:]) == [0, 1, 2, 3]
-    assert not any(plan.flip)                                       # --flip is off by default
-    assert any(cyclegan.epoch_plan(4, 8, 4, True, g(1)).flip)
-    assert all(0 <= t <= 4 for t in plan.top + plan.left)
-    assert cyclegan.epoch_plan(4, 8, 4, False, g(1)) == plan
-    first = [torch.cat(b) for b in data.batches(0)]
-    assert all(torch.equal(a, b) for a, b in zip(first, [torch.cat(b) for b in data.batches(0)]))
-    assert not all(torch.equal(a, b) for a, b in zip(first, [torch.cat(b) for b in data.batches(1)]))
-    # A resumed epoch continues with exactly the batches an uninterrupted one would have used.
-    assert all(torch.equal(a, torch.cat(b)) for a, b in zip(first[3:], data.batches(0, 3)))
+def test_epoch_plan_is_unaligned_and_a_function_of_seed_and_epoch():
+    assert round(256 * cyclegan.JITTER) == 286  # decoded at 286, cropped to 256 (App. 7.1)
+    plan = cyclegan.epoch_plan(3, 8, 2, crop=4, flip=False, seed=0, epoch=1)  # dst larger: 8 of each
+    assert plan.shape == (4, 8, 2)
+    src, dst = plan[:, 0].flatten().tolist(), plan[:, 4].flatten().tolist()
+    assert sorted(dst) == list(range(8)) and sorted(src[:3]) == [0, 1, 2] and sorted(src[3:6]) == [0, 1, 2]
+    assert 0 <= plan[:, [1, 2, 5, 6]].min() and plan[:, [1, 2, 5, 6]].max() <= 4
+    assert not plan[:, [3, 7]].any() and cyclegan.epoch_plan(3, 8, 2, 4, True, 0, 1)[:, [3, 7]].any()  # --flip
+    assert torch.equal(plan, cyclegan.epoch_plan(3, 8, 2, 4, False, seed=0, epoch=1))
+    assert not torch.equal(plan, cyclegan.epoch_plan(3, 8, 2, 4, False, seed=0, epoch=2))
+    assert cyclegan.epoch_plan(9, 4, 2, 4, False, 0, 0).shape == (4, 8, 2)  # the last, smaller batch dropped
 
 
-def test_fast_and_plain_pipelines_give_the_same_batches(synth):
-    src = cyclegan.class_images(synth / "train", "normal")
-    dst = cyclegan.class_images(synth / "train", "viral")
-    cpu = torch.device("cpu")
-    fast = cyclegan.UnpairedImages(src, dst, 32, 2, True, 0, True, 0, cpu)
-    plain = cyclegan.UnpairedImages(src, dst, 32, 2, True, 0, False, 0, cpu)
-    pairs = list(zip(fast.batches(1, 1), plain.batches(1, 1)))
-    assert len(pairs) == 1
-    for (a, b), (c, d) in pairs:
-        assert a.shape == (2, 1, 32, 32) and a.dtype == torch.uint8
-        assert torch.equal(a, c) and torch.equal(b, d)
+def test_jitter_is_a_crop_and_a_flip():
+    """Against plain slicing: each image cropped at its offsets, mirrored where asked."""
+    images = torch.randint(0, 256, (5, 3, 10, 10), dtype=torch.uint8)
+    rows = torch.tensor([[4, 0, 2], [0, 1, 2], [2, 0, 1], [1, 0, 1]])  # index, top, left, flip
+    out = cyclegan.jitter(images, rows, 8)
+    assert out.shape == (3, 3, 8, 8) and out.min() >= -1 and out.max() <= 1
+    for k, (i, t, l, f) in enumerate(rows.T.tolist()):
+        crop = images[i, :, t:t + 8, l:l + 8].float() / 127.5 - 1
+        assert torch.equal(out[k], crop.flip(-1) if f else crop), k
 
 
-# --- whole runs ------------------------------------------------------------------------------------
+def test_translation_is_eval_mode_without_grad_and_restores_train_mode():
+    torch.manual_seed(0)
+    G = cyclegan.UnetGenerator(1, SIZE, ngf=4)  # dropout: train mode would differ run to run
+    x = torch.randint(0, 256, (3, 1, SIZE, SIZE), dtype=torch.uint8)
+    a, b = cyclegan.translate_images(G, x, batch_size=2), cyclegan.translate_images(G, x)
+    assert a.dtype == torch.uint8 and G.training
+    G.eval()
+    with torch.no_grad():  # -1 -> 0, 1 -> 255, as metrics.py expects
+        c = ((G(x.float() / 127.5 - 1) + 1) * 127.5).round().clamp(0, 255).byte()
+    for other in (b, c):  # equal up to float rounding at a half grey level (dropout would change far more)
+        assert (a.int() - other.int()).abs().max() <= 1
 
-def test_short_run_writes_every_output(trained):
-    out, caught = trained
-    assert not [m for m in caught if "lr_scheduler.step()" in m]
+
+# -- Training runs ---------------------------------------------------------------------------------
+
+def test_short_run_writes_every_output(short_run):
+    out, caught = short_run
+    assert not [m for m in caught if "lr_scheduler.step()" in m]  # schedulers after the optimizers
     config = json.loads((out / "config.json").read_text())
-    assert config["args"]["src"] == "normal" and config["args"]["size"] == 32
-    assert {"torch", "torchvision", "python", "device"} <= config.keys()
-    rows = read_csv(out / "log.csv")
-    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
-    assert list(rows[0]) == ["step", "epoch", "lr", *cyclegan.LOG_TERMS, "ms_per_step"]
+    args = config["args"]  # Zhu et al.'s values by default
+    assert (args["gan_loss"], args["lambda_cyc"], args["lambda_idt"], args["pool_size"], args["lr"], args["flip"],
+            args["generator"]) == ("lsgan", 10.0, 0.5, 50, 2e-4, False, "resnet")
+    assert config["device"] == "cpu" and config["amp"] == "off"
+    rows = read_rows(out / "log.csv")
+    assert [(int(r["step"]), int(r["epoch"])) for r in rows] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert list(rows[0]) == ["step", "epoch", "lr", *cyclegan.STATS, "ms_per_step"]
     assert all(math.isfinite(float(v)) for r in rows for v in r.values())
-    assert [int(r["epoch"]) for r in rows] == [1, 1, 2, 2]
-    assert float(rows[0]["lr"]) == 2e-4 and float(rows[-1]["lr"]) == pytest.approx(1e-4)   # 1/(1+1)
-    assert float(rows[0]["ms_per_step"]) > 0
-    for step in (4, 8):
-        grid = Image.open(out / "samples" / f"step_{step:06d}.png")
-        assert grid.mode == "L" and grid.size == (4 * 34 + 2, 6 * 34 + 2)   # 4 images x 6 rows
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == \
-        ["last.pt", "step_000004.pt", "step_000008.pt"]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([2e-4, 2e-4, 1e-4, 1e-4])  # epoch 2: 1/(1 + 1)
+    for step in (0, 2, 4):  # 4 fixed images per class; rows src, fake, back, dst, fake, back
+        with Image.open(out / "samples" / f"step_{step:06d}.png") as im:
+            assert im.mode == "L" and im.size == (4 * (SIZE + 2) + 2, 6 * (SIZE + 2) + 2)
+    with Image.open(out / "loss_curve.png") as im:
+        assert {(255, 0, 0), (0, 0, 255)} <= {c for _, c in im.convert("RGB").getcolors(maxcolors=1 << 16)}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_000002.pt", "step_000004.pt"]
     ckpt = load(out / "checkpoints" / "last.pt")
-    assert ckpt["model"] == "cyclegan" and ckpt["step"] == 8 and ckpt["epoch"] == 2
-    assert set(ckpt["models"]) == {"G_src2dst", "G_dst2src", "D_src", "D_dst"}
-    assert ckpt["pool_src"].shape == (8, 1, 32, 32)                  # 8 steps, pool of 50
-    assert ckpt["sched_G"]["last_epoch"] == 2
-    for opt in ("opt_G", "opt_D"):                                   # Adam 2e-4, (0.5, 0.999)
+    assert ckpt["model"] == "cyclegan" and ckpt["step"] == 4 and ckpt["args"]["size"] == SIZE
+    assert {"nets", "opt_g", "opt_d", "sched_g", "sched_d", "scaler", "pool_src", "pool_dst", "rng_cpu"} <= ckpt.keys()
+    assert ckpt["pool_src"]["images"].shape == (16, 1, SIZE, SIZE)  # 4 steps of 4, pool of 50
+    assert ckpt["sched_g"]["last_epoch"] == 2
+    for opt in ("opt_g", "opt_d"):  # Adam 2e-4, (0.5, 0.999), one for both G and one for both D
         group = ckpt[opt]["param_groups"][0]
         assert (group["initial_lr"], tuple(group["betas"])) == (2e-4, (0.5, 0.999))
-    assert {"torch", "pool"} <= ckpt["rng"].keys()
+        first = "G_src2dst" if opt == "opt_g" else "D_src"
+        assert len(group["params"]) == 2 * len([k for k in ckpt["nets"] if k.startswith(first)])
+    assert not (out / "metrics.csv").exists()
 
 
-def test_resume_equals_uninterrupted(synth, tmp_path):
-    """3 steps, stop, resume to 6 (across an epoch end, with dropout and a pool that swaps) ==
-    6 steps in one go: weights, optimizers, schedulers, pools and RNG states, bit for bit."""
-    extra = ("--generator", "unet", "--pool-size", "2", "--epochs", "3", "--decay-epochs", "2",
-             "--log-every", "2", "--sample-every", "100", "--save-every", "100")
-    cyclegan.main(train_args(synth, tmp_path / "a", *extra, "--max-steps", "6"))
-    cyclegan.main(train_args(synth, tmp_path / "b", *extra, "--max-steps", "3"))
-    first_leg = load(tmp_path / "b" / "checkpoints" / "last.pt")
-    cyclegan.main(train_args(synth, tmp_path / "b", *extra, "--max-steps", "6", "--resume"))
-    a, b = (load(tmp_path / run / "checkpoints" / "last.pt") for run in ("a", "b"))
-    assert first_leg["step"] == 3 and a["step"] == b["step"] == 6
-
-    def assert_same(x, y, where):
-        if isinstance(x, torch.Tensor):
-            assert torch.equal(x, y), where
-        elif isinstance(x, dict):
-            assert x.keys() == y.keys(), where
-            for k in x:
-                assert_same(x[k], y[k], f"{where}.{k}")
-        elif isinstance(x, (list, tuple)):
-            assert len(x) == len(y), where
-            for i, (u, v) in enumerate(zip(x, y)):
-                assert_same(u, v, f"{where}[{i}]")
-        else:
-            assert x == y, where
-
-    for key in ("models", "opt_G", "opt_D", "sched_G", "sched_D", "pool_src", "pool_dst", "rng"):
-        assert_same(a[key], b[key], key)
-    assert not torch.equal(first_leg["models"]["G_src2dst"]["last.0.weight"],
-                           b["models"]["G_src2dst"]["last.0.weight"])     # it did train on
-    assert len(a["pool_src"]) == 2 and a["sched_G"]["last_epoch"] == 1
-    assert [int(r["step"]) for r in read_csv(tmp_path / "b" / "log.csv")] == [2, 3, 4, 6]
+def test_resume_is_exact_after_ctrl_c_and_after_kill_9(synth, tmp_path):
+    """5 steps in one go == 3 steps + --resume (as after Ctrl-C) == 4 steps, then --resume from
+    step_000002.pt (kill -9 after the step-2 save: the log rows of steps 3-4 are rewritten). Across an
+    epoch end (2 steps per epoch), with the U-Net's dropout, --flip and a pool of 2 that swaps: nets,
+    optimizers, schedules, pools, RNG and log agree bit for bit."""
+    common = ["--generator", "unet", "--pool-size", "2", "--flip", "--epochs", "3", "--decay-epochs", "2",
+              "--log-every", "1", "--sample-every", "0", "--save-every", "2"]
+    whole, split, killed = tmp_path / "whole", tmp_path / "split", tmp_path / "killed"
+    assert run_main(train_argv(synth, whole, *common, "--max-steps", "5")) == 0
+    assert run_main(train_argv(synth, split, *common, "--max-steps", "3")) == 0
+    assert run_main(train_argv(synth, split, *common, "--max-steps", "5", "--resume")) == 0
+    assert run_main(train_argv(synth, killed, *common, "--max-steps", "4")) == 0
+    assert run_main(train_argv(synth, killed, *common, "--max-steps", "5", "--resume",
+                               str(killed / "checkpoints/step_000002.pt"))) == 0
+    a = load(whole / "checkpoints" / "last.pt")
+    for other in (split, killed):
+        b = load(other / "checkpoints" / "last.pt")
+        assert a["step"] == b["step"] == 5
+        for key in ("nets", "opt_g", "opt_d", "sched_g", "sched_d", "pool_src", "pool_dst", "rng_cpu"):
+            ta, tb = list(tensors(a[key])), list(tensors(b[key]))
+            assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb)), (other, key)
+        assert a["sched_g"] == b["sched_g"]
+    assert len(a["pool_src"]["images"]) == 2 and a["sched_g"]["last_epoch"] == 2
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "ms_per_step"} for r in rows]  # noqa: E731
+    assert strip(read_rows(whole / "log.csv")) == strip(read_rows(killed / "log.csv"))
+    assert [p.name for p in (whole / "samples").iterdir()] == ["step_000000.png"]  # --sample-every 0: off
 
 
-def test_translate_keeps_names_and_sizes_and_writes_panels(trained, tmp_path):
-    out, _ = trained
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    Image.new("L", (40, 40), 90).save(inputs / "a.png")
-    Image.new("L", (50, 30), 160).save(inputs / "b.png")
-    Image.new("RGB", (33, 47), (10, 200, 30)).save(inputs / "c.jpeg")
-    ckpt = str(out / "checkpoints" / "last.pt")
-    cyclegan.main(["--translate", str(inputs), "--ckpt", ckpt, "--out", str(tmp_path / "fake"),
-                   "--grid", "--device", "cpu"])
-    for name, size in (("a.png", (40, 40)), ("b.png", (50, 30)), ("c.jpeg", (33, 47))):
-        im = Image.open(tmp_path / "fake" / name)
-        assert im.size == size and im.mode == "L"
-        panel = Image.open(tmp_path / "fake" / "panels" / f"{Path(name).stem}.png")
-        assert panel.size == (3 * size[0], size[1]) and panel.mode == "L"
-    cyclegan.main(["--translate", str(inputs), "--ckpt", ckpt, "--out", str(tmp_path / "back"),
-                   "--direction", "dst2src", "--device", "cpu"])
-    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["a.png", "b.png", "c.jpeg"]
+def tensors(obj):
+    """Every tensor in a nested state dict, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from tensors(obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from tensors(x)
 
 
-def test_translate_uses_the_generator_in_eval_mode(trained):
-    """The same input twice gives the same output (U-Net dropout would not), and it equals a
-    direct G_src2dst forward pass on the resized input."""
-    out, _ = trained
-    ckpt = load(out / "checkpoints" / "last.pt")
-    model = cyclegan.CycleGAN("resnet", 1, 32, 8, 8)
-    for name, net in model.named_children():
-        net.load_state_dict(ckpt["models"][name])
-    x = cyclegan.load_images(cyclegan.class_images(ckpt["args"]["data"], "normal")[:2], 32)
-    with cyclegan.eval_mode(model.G_src2dst):
-        a = cyclegan.translate_images(model.G_src2dst, x, torch.device("cpu"))
-        b = cyclegan.to_uint8(model.G_src2dst(x.float() / 127.5 - 1))
-    assert torch.equal(a, b) and model.G_src2dst.training
+def test_amp_on_cpu_is_bf16_autocast_close_to_fp32(synth, tmp_path, capsys):
+    """--amp on a CPU is bf16 autocast: finite losses, fp32 weights and pools in the checkpoint, and
+    the first step's losses (before any update) within bf16 rounding of fp32. The last step of a
+    --max-steps run gets a sample grid."""
+    rows = {}
+    for flag in ("--amp", "--no-amp"):
+        assert run_main(train_argv(synth, tmp_path / flag, "--max-steps", "2", "--log-every", "1",
+                                   "--sample-every", "100", flag)) == 0
+        rows[flag] = read_rows(tmp_path / flag / "log.csv")
+    assert json.loads((tmp_path / "--amp" / "config.json").read_text())["amp"] == "torch.bfloat16"
+    assert all(math.isfinite(float(v)) for r in rows["--amp"] for v in r.values())
+    for key in ("G_total", "cycle_src", "D_src", "D_dst"):
+        assert abs(float(rows["--amp"][0][key]) - float(rows["--no-amp"][0][key])) < 0.05, key
+    ckpt = load(tmp_path / "--amp" / "checkpoints" / "last.pt")
+    assert {t.dtype for t in ckpt["nets"].values()} == {torch.float32}
+    assert ckpt["pool_src"]["images"].dtype == torch.float32
+    assert sorted(p.name for p in (tmp_path / "--amp" / "samples").iterdir()) == ["step_000000.png", "step_000002.png"]
+    assert "[1/100][1/2] G_total" in capsys.readouterr().out  # the log line
 
 
-def copy_of(synth, tmp_path):
-    """A writable copy of the synthetic train split."""
-    data = tmp_path / "data"
-    shutil.copytree(synth / "train", data)
-    return data
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synth, tmp_path, monkeypatch):
+    real_step, calls = cyclegan.train_step, []
 
+    def nan_from_step_3(*args):
+        calls.append(1)
+        stats = real_step(*args)
+        return stats * float("nan") if len(calls) >= 3 else stats
 
-def test_corrupt_png_read_by_dataloader_workers_is_a_one_line_error(synth, tmp_path, monkeypatch, capsys):
-    """--no-fast --workers 2: a truncated PNG that only a DataLoader worker process would decode
-    (it sorts after the 4 fixed sample images) is caught up front by check_images; and if a file
-    gets past that check, the worker's error still arrives as the one line, not a traceback."""
-    data = copy_of(synth, tmp_path)
-    png = (data / "normal" / "normal_train_00000.png").read_bytes()
-    (data / "normal" / "zz_broken.png").write_bytes(png[:len(png) // 2])
-    argv = ["--src", "normal", "--dst", "viral", "--data", str(data), "--size", "32", "--ngf", "8",
-            "--ndf", "8", "--device", "cpu", "--no-fast", "--workers", "2", "--max-steps", "5"]
-    with pytest.raises(SystemExit) as e:
-        cyclegan.main([*argv, "--out", str(tmp_path / "checked")])
-    assert_one_line_error(capsys, 2, e, "cannot read image", "zz_broken.png", "prep.py")
-    assert not (tmp_path / "checked" / "log.csv").exists()                 # failed before training
-    monkeypatch.setattr(cyclegan, "check_images", lambda paths, workers=1: None)
-    with pytest.raises(SystemExit) as e:
-        cyclegan.main([*argv, "--out", str(tmp_path / "unchecked")])
-    assert_one_line_error(capsys, 2, e, "cannot read image", "zz_broken.png", "prep.py")
-
-
-def test_preload_falls_back_to_disk_when_host_memory_is_short(synth, tmp_path, monkeypatch, capsys):
-    """--fast preloads 8 images at the 36 px jitter size: 8 x 36 x 36 = 10,368 bytes of uint8. With
-    25 kB of free host memory that fits in half of it; with 10 kB it does not, and a short run still
-    completes, reading the PNGs from disk, after a one-line note."""
-    free = cyclegan.free_host_memory_bytes()
-    assert free is None or free > 0                                  # MemAvailable on Linux
-    src = cyclegan.class_images(synth / "train", "normal")
-    dst = cyclegan.class_images(synth / "train", "viral")
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(cyclegan, "free_host_memory_bytes", lambda: 25_000)
-    assert cyclegan.UnpairedImages(src, dst, 32, 1, False, 0, True, 0, cpu).preloaded
-    monkeypatch.setattr(cyclegan, "free_host_memory_bytes", lambda: 10_000)
-    assert not cyclegan.UnpairedImages(src, dst, 32, 1, False, 0, True, 0, cpu).preloaded
-    capsys.readouterr()
-    cyclegan.main(train_args(synth, tmp_path / "disk", "--max-steps", "2", "--log-every", "1"))
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
-    assert notes == ["note: preloading 1.04e-05 GB of uint8 images needs more than half of the 1e-05 GB "
-                     "of free host memory; reading PNGs from disk each epoch instead (slower)"]
-    assert len(read_csv(tmp_path / "disk" / "log.csv")) == 2
-    assert (tmp_path / "disk" / "checkpoints" / "last.pt").is_file()
-
-
-def test_amp_on_a_cpu_is_bf16_autocast_with_close_losses(synth, tmp_path):
-    """--amp on a CPU: bf16 autocast, finite losses, fp32 weights in the checkpoint; its losses
-    differ from the fp32 run's by far less than another seed's do (issue 8: "autocast does not
-    change results beyond noise")."""
-    logs = {}
-    for name, flags in {"amp": ["--amp"], "fp32": ["--no-amp"], "seed1": ["--no-amp", "--seed", "1"]}.items():
-        cyclegan.main(train_args(synth, tmp_path / name, *flags, "--max-steps", "2", "--log-every", "1"))
-        logs[name] = read_csv(tmp_path / name / "log.csv")
-    config = json.loads((tmp_path / "amp" / "config.json").read_text())
-    assert config["amp"] == "bfloat16"
-    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["amp"] == "off"
-    assert all(math.isfinite(float(r[k])) for r in logs["amp"] for k in cyclegan.LOG_TERMS)
-    ckpt = load(tmp_path / "amp" / "checkpoints" / "last.pt")
-    assert {t.dtype for sd in ckpt["models"].values() for t in sd.values()} == {torch.float32}
-    assert ckpt["pool_src"].dtype == torch.float32 and not ckpt["scaler"]          # no grad scaler on a CPU
-
-    def gap(a, b):
-        return sum(abs(float(ra[k]) - float(rb[k])) for ra, rb in zip(a, b) for k in cyclegan.LOG_TERMS)
-
-    assert gap(logs["amp"], logs["fp32"]) < 0.25 * gap(logs["seed1"], logs["fp32"])
-
-
-def test_canonical_command_without_data_names_data_train(tmp_path, monkeypatch, capsys):
-    """`python cyclegan.py --src normal --dst viral` as the README gives it: the papers' defaults,
-    and where data/train is missing, one line that says how to make it."""
-    args = cyclegan.parse_args(["--src", "normal", "--dst", "viral"])
-    assert (args.data, args.size, args.generator, args.batch_size, args.epochs, args.decay_epochs,
-            args.gan_loss, args.pool_size, args.flip, args.amp) == \
-        ("data/train", 256, "resnet", 1, 100, 50, "lsgan", 50, False, None)
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cyclegan.main(["--src", "normal", "--dst", "viral"])
-    out, err = capsys.readouterr()
-    assert e.value.code == 2 and out == ""                      # no device line or CPU warning first
-    assert err.splitlines() == [
-        "error: data folder data/train not found — make it with `python prep.py kermany PATH --out data` "
-        "(real X-rays) or `python prep.py synthetic` (phantoms, then --data data/synthetic/train), "
-        "or pass --data"]
-    assert not (tmp_path / "runs").exists()
-
-
-def test_no_fast_and_random_data_run(synth, tmp_path):
-    cyclegan.main(train_args(synth, tmp_path / "plain", "--no-fast", "--max-steps", "2", "--log-every", "1"))
-    rows = read_csv(tmp_path / "plain" / "log.csv")
-    assert len(rows) == 2 and float(rows[-1]["ms_per_step"]) > 0
-    cyclegan.main(["--src", "normal", "--dst", "viral", "--data", str(tmp_path / "nothing-here"),
-                   "--out", str(tmp_path / "random"), *TINY, "--random-data", "--channels", "3",
-                   "--max-steps", "2", "--log-every", "1"])
-    assert len(read_csv(tmp_path / "random" / "log.csv")) == 2
-    assert Image.open(tmp_path / "random" / "samples" / "step_000002.png").mode == "RGB"
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synth, tmp_path, monkeypatch, capsys):
-    real_gan_loss, calls = cyclegan.gan_loss, [0]
-
-    def poisoned(logits, target_is_real, mode):       # NaN from the third step on
-        calls[0] += 1
-        loss = real_gan_loss(logits, target_is_real, mode)
-        return loss * float("nan") if calls[0] > 2 * GAN_LOSS_CALLS_PER_STEP else loss
-
-    monkeypatch.setattr(cyclegan, "gan_loss", poisoned)
+    monkeypatch.setattr(cyclegan, "train_step", nan_from_step_3)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
-        cyclegan.main(train_args(synth, out, "--save-every", "2", "--log-every", "100", "--max-steps", "8"))
-    line = assert_one_line_error(capsys, 1, e, "non-finite loss at step 4", "last.pt (step 2)")
-    assert "first bad step after 2" in line
+        cyclegan.main(train_argv(synth, out, "--epochs", "5", "--log-every", "2", "--save-every", "2",
+                                 "--sample-every", "0"))
+    message = str(e.value.code)
+    assert message.startswith("error: non-finite loss at step 4 (after step 2)") and "\n" not in message
+    assert str(out / "checkpoints" / "last.pt") in message
+    assert load(out / "checkpoints" / "last.pt")["step"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_000002.pt"]
-    ckpt = load(out / "checkpoints" / "last.pt")
-    assert ckpt["step"] == 2
-    assert all(torch.isfinite(t).all() for sd in ckpt["models"].values() for t in sd.values())
+    assert [int(r["step"]) for r in read_rows(out / "log.csv")] == [2]  # no NaN row
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_ctrl_c_saves_and_exits_130(sig, synth, tmp_path, monkeypatch, capsys):
-    real_gan_loss, calls = cyclegan.gan_loss, [0]
+def test_ctrl_c_and_sigterm_finish_the_step_save_and_say_how_to_resume(sig, synth, tmp_path, monkeypatch, capsys):
+    real_step, calls = cyclegan.train_step, []
 
-    def interrupting(logits, target_is_real, mode):   # Ctrl-C during the second step
-        calls[0] += 1
-        if calls[0] == GAN_LOSS_CALLS_PER_STEP + 1:
-            signal.raise_signal(sig)
-        return real_gan_loss(logits, target_is_real, mode)
+    def interrupt_in_step_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(sig)  # as if the user pressed Ctrl-C (or `kill` ran) mid-step
+        return real_step(*args)
 
-    monkeypatch.setattr(cyclegan, "gan_loss", interrupting)
-    handler = signal.getsignal(sig)
+    monkeypatch.setattr(cyclegan, "train_step", interrupt_in_step_2)
+    handler_before = signal.getsignal(sig)
     out = tmp_path / "int"
-    with pytest.raises(SystemExit) as e:
-        cyclegan.main(train_args(synth, out, "--max-steps", "8"))
-    assert e.value.code == 130
-    assert "--resume" in capsys.readouterr().err
-    assert load(out / "checkpoints" / "last.pt")["step"] == 2
-    assert signal.getsignal(sig) is handler
+    assert run_main(train_argv(synth, out, "--epochs", "5", "--log-every", "10", "--sample-every", "0")) == 130
+    assert signal.getsignal(sig) is handler_before
+    assert load(out / "checkpoints" / "last.pt")["step"] == 2  # the step in flight was finished
+    assert "--resume" in capsys.readouterr().out
 
 
-# --- errors ----------------------------------------------------------------------------------------
+# -- Evaluation during training (a random-weights Inception: offline, the path exercised) ----------
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    import metrics
+
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.manual_seed(0)
+    torch.save(metrics.FIDInceptionV3().state_dict(), path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore")  # FID of 2 images warns, as it should
+def test_eval_every_writes_metrics_csv(synth, fid_weights, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert run_main(train_argv(synth, out, "--epochs", "1", "--decay-epochs", "0", "--eval-every", "1",
+                               "--fid-weights", str(fid_weights), "--sample-every", "0")) == 0
+    rows = read_rows(out / "metrics.csv")
+    assert [(r["step"], r["epoch"]) for r in rows] == [("2", "1")]
+    assert int(rows[0]["n_real"]) == N_TRAIN and int(rows[0]["n_fake"]) == 2  # train viral, test normal
+    assert all(math.isfinite(float(rows[0][k])) for k in ("fid", "is_mean", "is_std", "kid_mean", "kid_std"))
+    assert rows[0]["network"] and "eval: FID" in capsys.readouterr().out
+    assert (out / "checkpoints" / "step_000002.pt").is_file()  # the scored model is kept
+
+
+def test_eval_runs_every_e_epochs_and_after_the_last(synth, tmp_path, monkeypatch):
+    scored = []
+
+    class Recorder:
+        def score(self, fake):
+            scored.append(len(fake))
+            return {"fid": 1.0, "kid_mean": 0.0, "is_mean": 1.0, "n_fake": len(fake), "n_real": 8, "network": "x"}
+
+    monkeypatch.setattr(cyclegan, "make_evaluator", lambda args, device: (Recorder(), torch.zeros(3, 3, SIZE, SIZE)))
+    out = tmp_path / "e"
+    assert run_main(train_argv(synth, out, "--epochs", "5", "--eval-every", "2", "--sample-every", "0",
+                               "--save-every", "100", "--channels", "3")) == 0  # 3 channels: the gray repeated
+    assert json.loads((out / "config.json").read_text())["args"]["decay_epochs"] == 2  # default: half of 5
+    assert [(r["step"], r["epoch"]) for r in read_rows(out / "metrics.csv")] == [("4", "2"), ("8", "4"), ("10", "5")]
+    assert scored == [3, 3, 3] and Image.open(out / "samples" / "step_000000.png").mode == "L"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "last.pt", "step_000004.pt", "step_000008.pt", "step_000010.pt"]
+
+
+def test_missing_fid_weights_fail_before_training(synth, tmp_path, capsys):
+    out = tmp_path / "noweights"
+    assert run_main(train_argv(synth, out, "--eval-every", "1", "--fid-weights", str(tmp_path / "missing.pth"))) == 2
+    assert "missing.pth" in error_line(capsys)
+    assert not (out / "log.csv").exists() and not (out / "checkpoints").exists()
+
+
+# -- Translate -------------------------------------------------------------------------------------
+
+def test_translate_writes_one_channel_pngs_and_panels(short_run, synth, tmp_path, capsys):
+    ckpt = str(short_run[0] / "checkpoints" / "last.pt")
+    folder = synth / "test" / "normal"
+    names = sorted(p.name for p in folder.glob("*.png"))
+    assert run_main(["--translate", str(folder), "--ckpt", ckpt, "--out", str(tmp_path / "fake"), "--grid",
+                     "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "fake").glob("*.png")) == names
+    for name in names:
+        with Image.open(tmp_path / "fake" / name) as im, Image.open(tmp_path / "fake" / "panels" / name) as panel:
+            assert im.mode == "L" and im.size == (SIZE, SIZE)
+            assert panel.mode == "L" and panel.size == (3 * (SIZE + 2) + 2, SIZE + 4)  # input | translated | back
+    assert "wrote 2 images by G_src2dst (normal <-> viral, step 4)" in capsys.readouterr().out
+    assert run_main(["--translate", str(folder), "--ckpt", ckpt, "--out", str(tmp_path / "back"),
+                     "--direction", "dst2src", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == names
+    differ = [Image.open(tmp_path / d / names[0]).tobytes() for d in ("fake", "back")]
+    assert differ[0] != differ[1]  # the other generator
+
 
 @pytest.mark.parametrize("case, needles", [
-    ("unknown class", ["invalid choice: 'pneumonia'"]),
-    ("same class", ["--src and --dst are both normal"]),
-    ("missing data folder", ["data folder", "not found", "prep.py kermany", "prep.py synthetic"]),
-    ("missing class folder", ["class folder", "covid", "prep.py synthetic"]),
-    ("empty class folder", ["no images in", "prep.py synthetic"]),
-    ("unsupported size", ["--size 100 is not supported", "256"]),
-    ("translate without ckpt", ["--translate needs --ckpt"]),
-    ("amp without fast", ["--amp goes with --fast"]),
-])
-def test_bad_inputs_give_one_line_errors(case, needles, synth, tmp_path, capsys):
-    empty = tmp_path / "empty"
-    (empty / "normal").mkdir(parents=True)
-    (empty / "viral").mkdir()
-    argv = {
-        "unknown class": train_args(synth, tmp_path / "o", "--src", "pneumonia"),
-        "same class": train_args(synth, tmp_path / "o", "--dst", "normal"),
-        "missing data folder": train_args(synth, tmp_path / "o", "--data", str(tmp_path / "nope")),
-        "missing class folder": train_args(synth, tmp_path / "o", "--dst", "covid"),
-        "empty class folder": train_args(synth, tmp_path / "o", "--data", str(empty)),
-        "unsupported size": train_args(synth, tmp_path / "o", "--size", "100"),
-        "translate without ckpt": ["--translate", str(synth / "test" / "normal"), "--out", str(tmp_path / "t")],
-        "amp without fast": train_args(synth, tmp_path / "o", "--no-fast", "--amp"),
-    }[case]
-    with pytest.raises(SystemExit) as e:
-        cyclegan.main(argv)
-    assert_one_line_error(capsys, 2, e, *needles)
-
-
-@pytest.mark.parametrize("case, needles", [
-    ("missing folder", ["folder", "not found", "--translate"]),
-    ("empty folder", ["no images (.png", "pass a folder of images"]),
+    ("missing folder", ["no PNG images", "nope", "--translate"]),
+    ("empty folder", ["no PNG images", "empty", "--translate"]),
     ("out is the input", ["is the input folder", "another --out"]),
 ])
 def test_translate_folder_errors_come_first_and_alone(case, needles, synth, tmp_path, capsys):
@@ -616,102 +525,121 @@ def test_translate_folder_errors_come_first_and_alone(case, needles, synth, tmp_
                           "empty folder": (str(tmp_path / "empty"), str(tmp_path / "o")),
                           "out is the input": (folder, folder)}[case]
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cyclegan.main(["--translate", translate_dir, "--ckpt", str(tmp_path / "none.pt"), "--out", out])
-    out_text, err = capsys.readouterr()
-    assert e.value.code == 2 and out_text == ""
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    for needle in needles:
-        assert needle in err, err
+    assert run_main(["--translate", translate_dir, "--ckpt", str(tmp_path / "none.pt"), "--out", out]) == 2
+    line = error_line(capsys)
+    assert all(needle in line for needle in needles), line
 
 
-def test_wrong_checkpoints_give_one_line_errors(trained, synth, tmp_path, capsys):
-    out, _ = trained
-    folder = str(synth / "test" / "normal")
-    other = tmp_path / "dcgan.pt"
-    torch.save({"model": "dcgan", "step": 1}, other)
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    cases = [(other, ["not a CycleGAN checkpoint", "'dcgan'"]), (garbage, ["cannot read checkpoint"]),
-             (tmp_path / "missing.pt", ["not found"])]
-    for path, needles in cases:
-        with pytest.raises(SystemExit) as e:
-            cyclegan.main(["--translate", folder, "--ckpt", str(path), "--out", str(tmp_path / "x"), "--device", "cpu"])
-        assert_one_line_error(capsys, 2, e, *needles)
-    # Resuming a 32 px normal->viral run as 64 px normal->bacterial names both mismatches.
-    last = str(out / "checkpoints" / "last.pt")
-    with pytest.raises(SystemExit) as e:
-        cyclegan.main(train_args(synth, tmp_path / "r", "--resume", last, "--dst", "bacterial", "--size", "64"))
-    assert_one_line_error(capsys, 2, e, "does not match", "--dst viral (this run: bacterial)",
-                          "--size 32 (this run: 64)")
-    # A fresh run never overwrites an existing one.
-    with pytest.raises(SystemExit) as e:
-        cyclegan.main(train_args(synth, out))
-    assert_one_line_error(capsys, 2, e, "already holds a run", "--resume")
+# -- Bad inputs: one `error:` line, exit code 2 ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_data(synth, tmp_path_factory):
+    """A data folder with an empty class and a class holding one corrupt PNG."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "viral").mkdir()
+    (root / "normal").mkdir()
+    for i, src in enumerate(sorted((synth / "train" / "normal").glob("*.png"))):
+        (root / "normal" / f"{i}.png").write_bytes(src.read_bytes())
+    (root / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    (root / "bacterial").mkdir()
+    (root / "bacterial" / "0.png").write_bytes((synth / "train" / "viral" / "viral_train_00000.png").read_bytes())
+    return root
 
 
-def test_command_line_error_in_a_subprocess():
-    result = subprocess.run([sys.executable, "cyclegan.py", "--src", "normal", "--dst", "normal"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+TRAIN = ["--data", "{synth}/train", "--src", "normal", "--dst", "viral"]
+
+
+@pytest.mark.parametrize("case, argv, expected", [
+    ("missing data", ["--data", "{tmp}/nowhere", "--src", "normal", "--dst", "viral"], "prep.py synthetic"),
+    ("missing class", ["--data", "{synth}/train", "--src", "normal", "--dst", "covid"], "prep.py kermany"),
+    ("unknown class", ["--data", "{synth}/train", "--src", "pneumonia", "--dst", "viral"], "invalid choice"),
+    ("no dst", ["--data", "{synth}/train", "--src", "normal"], "--dst"),
+    ("same class", ["--data", "{synth}/train", "--src", "normal", "--dst", "normal"], "both normal"),
+    ("empty class", ["--data", "{bad}", "--src", "bacterial", "--dst", "viral"], "viral has 0 PNG images"),
+    ("corrupt png", ["--data", "{bad}", "--src", "normal", "--dst", "bacterial"], "broken.png"),
+    ("batch too big", ["--data", "{bad}", "--src", "bacterial", "--dst", "normal", "--batch-size", "4"],
+     "lower --batch-size"),
+    ("unsupported size", [*TRAIN, "--size", "48"], "invalid choice: 48"),
+    ("batch zero", [*TRAIN, "--batch-size", "0"], "--batch-size"),
+    ("lr nan", [*TRAIN, "--lr", "nan"], "--lr"),
+    ("lr text", [*TRAIN, "--lr", "fast"], "--lr"),
+    ("negative pool", [*TRAIN, "--pool-size", "-1"], "--pool-size"),
+    ("negative eval-every", [*TRAIN, "--eval-every", "-5"], "--eval-every"),
+    ("too few to score", ["--data", "{synth}/train", "--src", "bacterial", "--dst", "viral", "--eval-every", "1",
+                          "--test-data", "{bad}"], "needs 2 or more images"),
+    ("decay longer than training", [*TRAIN, "--epochs", "3", "--decay-epochs", "4"], "--decay-epochs 4"),
+    ("no cuda", [*TRAIN, "--device", "cuda:7"], "--device"),
+    ("bad device", [*TRAIN, "--device", "tpu"], "--device"),
+    ("out is a file", [*TRAIN, "--out", "{file}"], "is a file"),
+    ("ckpt without translate", [*TRAIN, "--ckpt", "x.pt"], "--translate"),
+    ("translate without ckpt", ["--translate", "{synth}/test/normal", "--out", "{tmp}/t"], "--ckpt"),
+    ("missing checkpoint", ["--translate", "{synth}/test/normal", "--ckpt", "{tmp}/none.pt", "--out", "{tmp}/t"],
+     "NotFound"),
+])
+def test_bad_inputs_give_one_line(case, argv, expected, synth, bad_data, tmp_path, capsys):
+    if case == "no cuda" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = [a.format(tmp=tmp_path, synth=synth, bad=bad_data, file=a_file) for a in argv]
+    extra = [] if "--device" in argv else ["--device", "cpu"]
+    if "--translate" not in argv:
+        extra += ["--ngf", "4", "--ndf", "4", "--max-steps", "1"] + ([] if "--size" in argv else ["--size", "32"])
+        extra += [] if "--out" in argv else ["--out", str(tmp_path / "run")]
+        extra += [] if "--batch-size" in argv else ["--batch-size", "1"]
+    assert run_main([*argv, *extra]) == 2, case
+    assert expected in error_line(capsys), case
+
+
+def test_wrong_checkpoints_are_refused(short_run, synth, tmp_path, capsys):
+    ckpt = str(short_run[0] / "checkpoints" / "last.pt")  # 32 px, normal -> viral
+    assert run_main(train_argv(synth, tmp_path / "t", "--size", "64", "--resume", ckpt)) == 2
+    assert "--size 32, not 64" in error_line(capsys)
+    assert run_main(train_argv(synth, tmp_path / "t", "--resume", ckpt, dst="bacterial")) == 2
+    assert "--dst viral, not bacterial" in error_line(capsys)
+    other, garbage = tmp_path / "other.pt", tmp_path / "garbage.pt"
+    torch.save({"model": "dcgan", "G": {}}, other)
+    garbage.write_bytes(b"this is not a checkpoint")
+    for path, expected in ((other, "not a cyclegan.py checkpoint"), (garbage, "cannot read")):
+        assert run_main(["--translate", str(synth / "test" / "normal"), "--ckpt", str(path), "--out",
+                         str(tmp_path / "g"), "--device", "cpu"]) == 2
+        assert expected in error_line(capsys)
+        assert run_main(train_argv(synth, tmp_path / "r", "--resume", str(path))) == 2
+        assert expected in error_line(capsys)
+
+
+def test_fresh_run_refuses_to_overwrite_a_run(short_run, synth, capsys):
+    assert run_main(train_argv(synth, short_run[0])) == 2
+    assert "--resume" in error_line(capsys)
+
+
+def test_canonical_command_without_data_prints_only_the_error(tmp_path, monkeypatch, capsys):
+    """`python cyclegan.py --src normal --dst viral` where data/train is missing: one stderr line
+    naming both ways to make the data, nothing on stdout, no run folder."""
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert run_main(["--src", "normal", "--dst", "viral"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: data folder data/train not found")
+    assert "`python prep.py kermany PATH`" in err and "`python prep.py synthetic`" in err
+    assert not (tmp_path / "runs").exists()
+    assert run_main(["--help"]) == 0  # the defaults: Zhu et al.'s networks at 256 px, batch 1, 100 epochs
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("image side (default: 256)", "--generator {resnet,unet}", "(default: resnet)",
+                    "images per class per step (default: 1)", "epochs of max(|src|, |dst|) images (default: 100)"):
+        assert default in text, default
+
+
+def test_subprocess_error_is_one_line_without_traceback():
+    result = subprocess.run([sys.executable, "cyclegan.py", "--src", "normal", "--dst", "normal"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --src and --dst are both normal — translate between two different classes"]
 
 
-# --- evaluation ----------------------------------------------------------------------------------
-# metrics.py with a random-weights Inception: the numbers mean nothing, the path is what is tested.
-# A score() runs the Inception at 299 px and a 2048-d Frechet distance, whatever N: seconds on an
-# idle 2-core CPU, up to a minute on a busy one. So the real path is scored once; which epochs are
-# evaluated is tested with evaluate() recorded instead.
-
-@pytest.fixture(scope="module")
-def fid_weights(tmp_path_factory):
-    import metrics
-    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
-    torch.save(metrics.FIDInceptionV3().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def synth6(tmp_path_factory):
-    """6 train and 2 test images per class: the fewest metrics.py can score (N >= 2)."""
-    out = tmp_path_factory.mktemp("synth6")
-    prep.make_synthetic(out, n=6, size=32, seed=0)
-    return out
-
-
-def test_eval_every_writes_metrics_csv(synth6, tmp_path, fid_weights):
-    out = tmp_path / "eval"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                         # metrics.py: N < 2048
-        cyclegan.main(train_args(synth6, out, "--batch-size", "3", "--epochs", "1", "--decay-epochs", "0",
-                                 "--eval-every", "1", "--fid-weights", str(fid_weights)))
-    rows = read_csv(out / "metrics.csv")
-    assert [(int(r["step"]), int(r["epoch"])) for r in rows] == [(2, 1)]          # 6 images / 3
-    row = rows[0]
-    assert int(row["n_fake"]) == 2 and int(row["n_real"]) == 6                   # test normal, train viral
-    assert row["network"].startswith("custom weights random_inception.pth")      # random test weights, named
-    assert all(math.isfinite(float(row[k])) for k in ("fid", "is_mean", "is_std", "kid_mean", "kid_std"))
-    assert Path(row["checkpoint"]).is_file()                                      # the scored model is kept
-
-
-def test_eval_runs_every_e_epochs_and_after_the_last(synth, tmp_path, monkeypatch):
-    scored = []
-    monkeypatch.setattr(cyclegan, "make_evaluator", lambda args, device: ("evaluator", None))
-    monkeypatch.setattr(cyclegan, "evaluate", lambda model, ev, src, device, log, step, epoch, ckpt:
-                        scored.append((epoch, step, Path(ckpt).is_file())))
-    cyclegan.main(train_args(synth, tmp_path / "e", "--batch-size", "4", "--epochs", "5",
-                             "--decay-epochs", "2", "--eval-every", "2"))
-    assert scored == [(2, 2, True), (4, 4, True), (5, 5, True)]          # one step per epoch
-
-
-def test_eval_every_fails_before_training(synth6, synth, tmp_path, capsys):
-    out = tmp_path / "noweights"
+def test_the_evidence_script_starts(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["evidence_cyclegan.py", "--help"])
     with pytest.raises(SystemExit) as e:
-        cyclegan.main(train_args(synth6, out, "--eval-every", "1", "--fid-weights", str(tmp_path / "none.pth")))
-    assert_one_line_error(capsys, 2, e, "none.pth")
-    assert not (out / "checkpoints").exists() and not (out / "log.csv").exists()
-    # n=4 gives one test image per class: too few to score, said up front.
-    with pytest.raises(SystemExit) as e:
-        cyclegan.main(train_args(synth, out, "--eval-every", "1", "--fid-weights", "unused.pth"))
-    assert_one_line_error(capsys, 2, e, "at least 2")
+        runpy.run_path(str(REPO / "tests" / "evidence_cyclegan.py"), run_name="__main__")
+    assert e.value.code == 0 and "--minutes" in capsys.readouterr().out
