@@ -1,24 +1,21 @@
 """DCGAN for chest X-rays: one model per class, 64x64x1 as in the paper (also 32, 128, 256 px).
 
 Davoodi & Lo Giudice, "Synthetic of Chest X-ray Images" (the paper): one DCGAN per class with
-exact 64x64x1 layer tables (Table 1: G, 3,574,656 parameters; Table 2: D, 2,763,520), batch 32,
-Adam 2e-4 with betas (0.5, 0.999), LeakyReLU 0.2, weights N(0, 0.02) (Sec. 3.3.1), logging
-Loss_D, Loss_G, D(x), D(G(z)) (Sec. 3.4.1). Where it is silent we follow Radford, Metz & Chintala,
+exact 64x64x1 layer tables (Table 1: G, 3,574,656 parameters; Table 2: D, 2,763,520), z uniform,
+batch 32, Adam 2e-4 with betas (0.5, 0.999), LeakyReLU 0.2, weights N(0, 0.02) (Sec. 3.1-3.3),
+logging Loss_D, Loss_G, D(x), D(G(z)) (Sec. 3.4.1). Where it is silent: Radford, Metz & Chintala,
 "Unsupervised Representation Learning with Deep Convolutional GANs", ICLR 2016, arXiv:1511.06434.
 
   python prep.py synthetic --out data/synth                                # phantoms, no download
   python dcgan.py --data data/synth/train --cls normal --size 32 --epochs 5       # a CPU demo
   python dcgan.py --data data/train --cls viral          # the paper: 64 px, batch 32, 200 epochs
-  python dcgan.py --data data/train --cls viral --resume                  # continue after Ctrl-C
   python dcgan.py --generate 500 --ckpt runs/dcgan_viral_64/checkpoints/last.pt --out fakes/viral
   python dcgan.py --data data/train --cls viral --eval-every 1000 --fid-weights pt_inception.pth
 
-The run folder (runs/dcgan_<class>_<size>/) holds config.json (flags, device, versions); log.csv
-(per --log-every steps the means of loss_d = loss_d_real + loss_d_fake, loss_g, d_x = D(x),
-d_g_z1 / d_g_z2 = D(G(z)) before / after D's update, ms_per_step); loss_curve.png;
-samples/step_NNNNNN.png (8 x 8 samples of fixed z; step 0 is the untrained G); checkpoints/last.pt
-and step_NNNNNN.pt (all state: --resume continues exactly); with --eval-every metrics.csv (FID,
-IS, KID of --eval-n samples against the class's real images, by metrics.py).
+The run folder runs/dcgan_<class>_<size>/ holds config.json; log.csv (per --log-every steps the
+means of loss_d = loss_d_real + loss_d_fake, loss_g, d_x = D(x), d_g_z1 / d_g_z2 = D(G(z)) before /
+after D's update, ms_per_step); loss_curve.png; samples/step_NNNNNN.png (8 x 8 samples of fixed z;
+step 0: untrained); checkpoints/last.pt, step_NNNNNN.pt; metrics.csv (--eval-every: FID, IS, KID).
 """
 
 import argparse
@@ -41,8 +38,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 NZ = 100                 # z holds "100 random numbers" (Sec. 3.1)
 NGF = NDF = 64           # width of G's last and D's first hidden block (Tables 1-2)
 MAX_WIDTH = 512          # the widest block of Tables 1-2: larger images get more blocks, not wider
-LEAK = 0.2               # LeakyReLU slope (Sec. 3.3.1)
-INIT_STD = 0.02          # weights ~ N(0, 0.02) (Sec. 3.3.1; Radford et al. Sec. 4)
+LEAK, INIT_STD = 0.2, 0.02  # LeakyReLU slope; weights ~ N(0, 0.02) (Sec. 3.3.1; Radford et al. Sec. 4)
 BATCH_SIZE, LR, BETAS = 32, 2e-4, (0.5, 0.999)  # Sec. 3.3.1
 EPOCHS = 200             # the paper's log line reads [200/200] (Sec. 3.4.1)
 DROPOUT = 0.5            # Table 2 places Dropout layers but gives no rate; 0.5 is nn.Dropout's
@@ -54,13 +50,12 @@ MAKE_DATA = "make it with `python prep.py kermany PATH` or `python prep.py synth
 
 # -- Models --------------------------------------------------------------------------------------
 
-def block_widths(size, base, max_width=MAX_WIDTH):
-    """Widths of the hidden blocks from 4x4 up to size/2: [512, 256, 128, 64] at 64 px. The width
-    doubles as the side halves (Radford et al. Fig. 1), capped at max_width; D uses it reversed."""
-    n = int(math.log2(size)) - 2  # one block per side 4, 8, ..., size/2
-    return [min(max_width, base * 2 ** (n - 1 - i)) for i in range(n)]
+def block_widths(size, base):
+    """Widths of the blocks at side 4, 8, ..., size/2: [512, 256, 128, 64] at 64 px. The width
+    doubles as the side halves (Radford et al. Fig. 1), capped at MAX_WIDTH; D uses it reversed."""
+    return [min(MAX_WIDTH, base * 2 ** i) for i in reversed(range(int(math.log2(size)) - 2))]
 
-class Generator(nn.Module):
+class Generator(nn.Sequential):
     """z (B, NZ, 1, 1) -> image (B, channels, size, size) in [-1, 1].
 
     At 64 px and 1 channel these are the paper's Table 1, layer by layer:
@@ -69,13 +64,11 @@ class Generator(nn.Module):
         ConvTranspose2d(256, 128, 4, 2, 1)   (B, 128, 16, 16)     524,288 params, BN   256, ReLU
         ConvTranspose2d(128, 64, 4, 2, 1)    (B, 64, 32, 32)      131,072 params, BN   128, ReLU
         ConvTranspose2d(64, 1, 4, 2, 1)      (B, 1, 64, 64)         1,024 params, Tanh   = 3,574,656
-    No convolution has a bias: the BatchNorm after it has the shift (the counts above have none).
-    The paper's first layer, "fully connected, reshaped to 4x4x512", is exactly a 4x4 transposed
-    convolution of a 1x1 input.
+    No convolution has a bias (BatchNorm has the shift). The paper's first layer, "fully connected,
+    reshaped to 4x4x512", is exactly a 4x4 transposed convolution of a 1x1 input.
     """
 
     def __init__(self, size=64, channels=1, nz=NZ, ngf=NGF):
-        super().__init__()
         widths = block_widths(size, ngf)
         layers = [nn.ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=False),  # (B, widths[0], 4, 4)
                   nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
@@ -84,10 +77,7 @@ class Generator(nn.Module):
                        nn.BatchNorm2d(w_out), nn.ReLU(True)]
         # No BatchNorm on the output; tanh into [-1, 1] (Sec. 3.1).   (B, channels, size, size)
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z):
-        return self.net(z)
+        super().__init__(*layers)
 
 class Discriminator(nn.Module):
     """image (B, channels, size, size) -> one logit per image, (B,).
@@ -101,7 +91,6 @@ class Discriminator(nn.Module):
     Table 2 ends in a Sigmoid; we return the logit and use BCE-with-logits, the same loss but
     numerically stable and allowed under autocast (BCELoss is not).
     """
-
     def __init__(self, size=64, channels=1, ndf=NDF, dropout=DROPOUT):
         super().__init__()
         layers, w_in = [], channels
@@ -119,48 +108,58 @@ class Discriminator(nn.Module):
     def forward(self, x):
         return self.net(x).flatten()
 
-def init_weights(module):
+def init_weights(m):
     """Convolutions ~ N(0, 0.02); BatchNorm scale ~ N(1, 0.02), shift 0 (Radford et al. Sec. 4)."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.normal_(module.weight, 0.0, INIT_STD)
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.normal_(module.weight, 1.0, INIT_STD)
-        nn.init.zeros_(module.bias)
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)):
+        nn.init.normal_(m.weight, 1.0 if isinstance(m, nn.BatchNorm2d) else 0.0, INIT_STD)
+    if isinstance(m, nn.BatchNorm2d):
+        nn.init.zeros_(m.bias)
 
 # -- The training step ---------------------------------------------------------------------------
 
 def sample_z(n, kind, device="cpu", generator=None):
-    """z ~ N(0, 1) (pytorch/examples) or U(-1, 1) (the paper, Sec. 3.1), shape (n, NZ, 1, 1)."""
-    if kind == "normal":
-        return torch.randn(n, NZ, 1, 1, device=device, generator=generator)
-    return torch.rand(n, NZ, 1, 1, device=device, generator=generator) * 2 - 1
+    """z (n, NZ, 1, 1) ~ U(-1, 1) ("drawn from a uniform distribution", Sec. 3.1; Radford et al.) or
+    N(0, 1) (Noori; pytorch/examples)."""
+    if kind == "uniform":
+        return torch.rand(n, NZ, 1, 1, device=device, generator=generator) * 2 - 1
+    return torch.randn(n, NZ, 1, 1, device=device, generator=generator)
 
-def train_step(G, D, opt_g, opt_d, scaler, autocast, real, z):
-    """One iteration as in pytorch/examples: a D step, then a G step on the same fakes.
+def diff_augment(x):
+    """DiffAugment (Zhao et al., NeurIPS 2020, arXiv:2006.10738), per image: brightness, contrast, a shift
+    of up to 1/8 of the side, a cutout of half the side. Differentiable; no flips (hearts sit left)."""
+    b, _, h, w = x.shape
+    x = x + torch.rand(b, 1, 1, 1, device=x.device) - 0.5
+    x = (x - x.mean((1, 2, 3), True)) * (torch.rand(b, 1, 1, 1, device=x.device) + 0.5) + x.mean((1, 2, 3), True)
+    theta = torch.eye(2, 3, device=x.device).repeat(b, 1, 1)  # whole-pixel shifts, zeros come in
+    theta[:, :, 2] = 2 * torch.randint(-(h // 8), h // 8 + 1, (b, 2), device=x.device) / h
+    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    y, c = torch.randint(0, h, (2, b, 1, 1, 1), device=x.device)  # the cutout's centre
+    rows, cols = torch.arange(h, device=x.device).view(h, 1), torch.arange(w, device=x.device)
+    return x * (((rows - y).abs() >= h // 4) | ((cols - c).abs() >= w // 4))
 
-    real: (B, C, S, S) in [-1, 1]. Returns the STATS as one tensor, without a host sync.
-    """
+def train_step(G, D, opt_g, opt_d, scaler, autocast, real, z, augment=nn.Identity()):
+    """One iteration as in pytorch/examples: a D step, then a G step on the same fakes. real: (B, C,
+    S, S) in [-1, 1]; augment: diff_augment or none. Returns the STATS as a tensor, without a host sync."""
     bce = F.binary_cross_entropy_with_logits
     opt_d.zero_grad(set_to_none=True)
     with autocast:  # D maximises log D(x) + log(1 - D(G(z))): BCE against 1 for real, 0 for fake
-        real_logits = D(real)  # real and fake in separate calls: separate BatchNorm batches
+        real_logits = D(augment(real))  # real and fake in separate calls: separate BatchNorm batches
         fake = G(z)
-        fake_logits = D(fake.detach())  # detach: the D step must not reach G
+        fake_logits = D(augment(fake.detach()))  # detach: the D step must not reach G
         loss_real = bce(real_logits, torch.ones_like(real_logits))
         loss_fake = bce(fake_logits, torch.zeros_like(fake_logits))
     scaler.scale(loss_real + loss_fake).backward()
     scaler.step(opt_d)
-
     opt_g.zero_grad(set_to_none=True)
     with autocast:  # non-saturating: G maximises log D(G(z)), as log(1 - D(G(z))) gives G no
-        after_logits = D(fake)  # gradient while D rejects every fake (Goodfellow et al. 2014, Sec. 3)
+        after_logits = D(augment(fake))  # gradient while D rejects every fake (Goodfellow et al. Sec. 3)
         loss_g = bce(after_logits, torch.ones_like(after_logits))
     scaler.scale(loss_g).backward()
     scaler.step(opt_g)
     scaler.update()  # one scaler for both optimizers: update once per iteration
     d_x, d_g_z1, d_g_z2 = (torch.sigmoid(t.float()).mean() for t in (real_logits, fake_logits, after_logits))
-    stats = [loss_real + loss_fake, loss_real, loss_fake, loss_g, d_x, d_g_z1, d_g_z2]
-    return torch.stack([s.float() for s in stats]).detach()
+    stats = (loss_real + loss_fake, loss_real, loss_fake, loss_g, d_x, d_g_z1, d_g_z2)
+    return torch.stack([t.float() for t in stats]).detach()
 
 # -- Helpers (the same text in every script) -----------------------------------------------------
 
@@ -169,7 +168,6 @@ class UserError(Exception):
 
 class Parser(argparse.ArgumentParser):
     """argparse whose mistakes are one `error:` line and exit code 2, like every other UserError."""
-
     def error(self, message):
         self.exit(2, f"error: {message} — see python {self.prog} --help\n")
 
@@ -228,8 +226,7 @@ def plot_losses(log_csv, png, columns, w=640, h=360):
     for i, (c, colour) in enumerate(zip(columns, ("red", "blue", "green", "orange", "purple", "gray"))):
         draw.line([(w * k / max(1, len(rows) - 1), h - 20 - (h - 40) * float(r[c]) / top)
                    for k, r in enumerate(rows)], fill=colour, width=2)
-        draw.text((10 + 110 * i, 4), c, fill=colour)
-    draw.text((10, h - 16), f"step 0 to {rows[-1]['step'] if rows else 0}, y 0 to {top:.3g}", fill="black")
+        draw.text((10 + 110 * i, 4), f"{c} (max {top:.3g})" if i == 0 else c, fill=colour)
     img.save(png)
 
 # -- Data, sampling, checkpoints -----------------------------------------------------------------
@@ -252,14 +249,12 @@ def load_class(data, cls, size, channels, batch_size):
     return torch.stack(images).repeat(1, channels, 1, 1)
 
 def batch_indices(n, batch_size, seed, epoch):
-    """The indices of each step's batch in one epoch, a function of (seed, epoch) only: a resumed run
-    draws the batches an unbroken run would. A last, smaller batch is dropped (noisy BatchNorm)."""
+    """Each step's image indices in one epoch, from (seed, epoch) alone: a resumed run draws the same."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     return order[: n // batch_size * batch_size].view(-1, batch_size)
 
 def fixed_z(n, kind, seed):
-    """n vectors z, one at a time from their own RNG: vector i depends on the seed alone (not on n or
-    the batch size), and the training RNG is not touched."""
+    """n vectors z from their own RNG, one at a time: vector i depends on the seed alone, not on n."""
     rng = torch.Generator().manual_seed(seed)
     return torch.cat([sample_z(1, kind, generator=rng) for _ in range(n)])
 
@@ -267,8 +262,7 @@ def fixed_z(n, kind, seed):
 def sample(G, z, batch_size=256):
     """G(z) as uint8 images on the CPU, in eval mode (BatchNorm's running statistics)."""
     G.eval()
-    images = torch.cat([((G(chunk).float() + 1) * 127.5).round().clamp(0, 255).byte().cpu()
-                        for chunk in z.split(batch_size)])
+    images = torch.cat([((G(z_).float() + 1) * 127.5).round().clamp(0, 255).byte().cpu() for z_ in z.split(batch_size)])
     G.train()
     return images
 
@@ -276,28 +270,14 @@ def save_grid(G, z, path):
     """A GRID x GRID sheet of G(z), one channel (make_grid repeats a gray channel into three)."""
     to_pil_image(torchvision.utils.make_grid(sample(G, z), nrow=GRID)[:1]).save(path)
 
-def checkpoint(parts, step, args, device):
-    """Everything --resume needs, as one dict of plain types and tensors (weights_only loads it)."""
-    return {"model": "dcgan", "args": vars(args), "step": step, "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            **{name: part.state_dict() for name, part in parts.items()}}
-
 def restore(ckpt, parts, device):
-    """Load a checkpoint() into the parts and the RNGs; returns its step."""
+    """Load a checkpoint into the parts (everything with a state_dict) and the RNGs; returns its step."""
     for name, part in parts.items():
         part.load_state_dict(ckpt[name])
     torch.set_rng_state(ckpt["rng_cpu"])
     if device.type == "cuda" and ckpt["rng_cuda"] is not None:
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
     return ckpt["step"]
-
-def make_evaluator(real, args, device):
-    """metrics.py's Evaluator on the real images, built before training: missing weights fail now."""
-    import metrics  # only --eval-every needs metrics.py: dcgan.py alone trains without it
-    try:
-        return metrics.Evaluator(real, weights=args.fid_weights, device=str(device))
-    except metrics.UserError as e:
-        raise UserError(str(e))
 
 # -- Train ---------------------------------------------------------------------------------------
 
@@ -313,14 +293,20 @@ def train(args, argv):
     if not cuda:
         print("warning: training on a CPU is slow" + (" — try --size 32" if args.size > 32 else ""))
     images = load_class(args.data, args.cls, args.size, args.channels, args.batch_size)
-    evaluator = make_evaluator(images, args, device) if args.eval_every else None
+    evaluator = None
+    if args.eval_every:  # metrics.py, only for --eval-every; built now, so missing weights fail now
+        import metrics
+        try:
+            evaluator = metrics.Evaluator(images, weights=args.fid_weights, device=str(device))
+        except metrics.UserError as e:
+            raise UserError(str(e))
     images, iters = images.to(device), len(images) // args.batch_size  # a batch is one gather
     # The CUDA speed switches: autocast (bf16, or fp16 with a GradScaler), channels_last, fused
     # Adam, cuDNN autotuning. --amp on a CPU gives bf16 autocast there too.
     amp = args.amp if args.amp is not None else cuda
     dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
     autocast = torch.autocast(device.type, dtype=dtype, enabled=amp)
-    layout = torch.channels_last if cuda else torch.contiguous_format
+    layout = torch.channels_last if cuda and amp else torch.contiguous_format  # --no-amp: plain fp32, NCHW
     torch.backends.cudnn.benchmark = cuda
     torch.manual_seed(args.seed)  # the global RNG: initial weights, then z and dropout masks
     G, D = (net.apply(init_weights).to(device, memory_format=layout) for net in (
@@ -330,12 +316,12 @@ def train(args, argv):
              "scaler": torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)}
     step_args = (torch.compile(G) if args.compile else G, torch.compile(D) if args.compile else D,
                  parts["opt_g"], parts["opt_d"], parts["scaler"], autocast)
+    augment = diff_augment if args.diffaug else nn.Identity()
     step = restore(ckpt, parts, device) if ckpt else 0
-
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    last.parent.mkdir(exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"args": vars(args), "device": str(device), "amp":
-                                                 str(dtype) if amp else "off", "torch": torch.__version__}))
+    for folder in (out / "samples", last.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"args": vars(args), "device": str(device), "amp": str(dtype)
+                                                 if amp else "off", "torch": torch.__version__}, indent=1))
     for log in ("log.csv", "metrics.csv"):
         rewind_log(out / log, step)
     grid_z = fixed_z(GRID * GRID, args.noise, args.seed).to(device)
@@ -355,34 +341,34 @@ def train(args, argv):
             if i == 0:  # each epoch has its own order
                 batches = batch_indices(len(images), args.batch_size, args.seed, epoch).to(device)
             real = (images[batches[i]].float() / 127.5 - 1).contiguous(memory_format=layout)
-            window += train_step(*step_args, real, sample_z(args.batch_size, args.noise, device))
+            window += train_step(*step_args, real, sample_z(args.batch_size, args.noise, device), augment)
             step, n = step + 1, n + 1
             end = step == total or bool(stop)
             save = step % args.save_every == 0 or end
             if step % args.log_every == 0 or save:  # the only host syncs: log and save steps
+                if cuda:  # the GPU runs ahead of Python: wait for it before reading the clock
+                    torch.cuda.synchronize(device)
                 if not torch.isfinite(window).all():
                     raise SystemExit(f"error: non-finite loss at step {step} (after step {last_good}) — "
                                      f"lower --lr or try --no-amp; the last good checkpoint {last} is kept")
-                last_good = step
-            if step % args.log_every == 0 or end:
-                if cuda:  # the GPU runs ahead of Python: wait for it before reading the clock
-                    torch.cuda.synchronize(device)
                 row = {**dict(zip(STATS, (window / n).tolist())), "ms_per_step": 1000 * (time.perf_counter() - t0) / n}
                 print(f"[{epoch + 1}/{args.epochs}][{i}/{iters}] Loss_D: {row['loss_d']:.4f} Loss_G: "
                       f"{row['loss_g']:.4f} D(x): {row['d_x']:.4f} D(G(z)): {row['d_g_z1']:.4f} / "
                       f"{row['d_g_z2']:.4f}  {row['ms_per_step']:.0f} ms/step")
                 log_row(out / "log.csv", {"step": step, "epoch": epoch + 1, **{k: f"{v:.5g}" for k, v in row.items()}})
-                window, n, t0 = window.zero_(), 0, time.perf_counter()
+                window, n, t0, last_good = window.zero_(), 0, time.perf_counter(), step
             t_side = time.perf_counter()  # sampling, evaluation and saving stay out of ms/step
             if args.sample_every and (step % args.sample_every == 0 or end):
                 save_grid(G, grid_z, out / f"samples/step_{step:06d}.png")
             if evaluator and step % args.eval_every == 0:
-                scores = evaluator.score(sample(G, eval_z, args.batch_size))
-                print(f"eval: FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f}, IS {scores['is_mean']:.2f}"
-                      f" ({scores['n_fake']} fakes vs {scores['n_real']} real, {scores['network']})")
+                scores = evaluator.score(sample(G, eval_z))
+                print(f"eval: FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f} ({scores['n_fake']} fakes, "
+                      f"{scores['n_real']} real, {scores['network']})")
                 log_row(out / "metrics.csv", {"step": step, "epoch": epoch + 1, **scores})
             if save:
-                state = checkpoint(parts, step, args, device)
+                state = {"model": "dcgan", "args": vars(args), "step": step, "rng_cpu": torch.get_rng_state(),
+                         "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None,
+                         **{name: part.state_dict() for name, part in parts.items()}}  # all --resume needs
                 save_atomic(state, last)
                 if step % args.save_every == 0:
                     save_atomic(state, last.parent / f"step_{step:06d}.pt")
@@ -425,12 +411,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=in_range(int, 1), default=BATCH_SIZE, help="images per step")
     p.add_argument("--lr", type=in_range(float, 1e-12), default=LR, help="Adam learning rate of G and D")
     p.add_argument("--dropout", type=in_range(float, 0, 1), default=DROPOUT, help="D's dropout rate")
-    p.add_argument("--noise", choices=("normal", "uniform"), default="normal",
-                   help="z ~ N(0, 1), or U(-1, 1) as the paper's Sec. 3.1")
+    p.add_argument("--diffaug", action=argparse.BooleanOptionalAction, default=False, help="DiffAugment before D")
+    p.add_argument("--noise", choices=("uniform", "normal"), default="uniform", help="z ~ U(-1, 1) or N(0, 1)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, z, dropout and data order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="autocast (default: on with CUDA, off on a CPU; --amp on a CPU is bf16)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="autocast (default: on CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D")
     p.add_argument("--log-every", type=in_range(int, 1), default=10, help="steps per log row")
     p.add_argument("--sample-every", type=in_range(int, 0), default=200, help="steps per sample grid (0: off)")
@@ -438,26 +423,23 @@ def main(argv=None):
     p.add_argument("--eval-every", type=in_range(int, 0), default=0, help="steps per FID/IS/KID (0: off)")
     p.add_argument("--eval-n", type=in_range(int, 2), default=2048, help="samples per evaluation")
     p.add_argument("--fid-weights", help="local FID Inception weights (default: download)")
-    p.add_argument("--resume", nargs="?", const="", help="continue from PATH (no value: <out>/checkpoints/last.pt)")
+    p.add_argument("--resume", nargs="?", const="", help="continue from PATH (alone: <out>/checkpoints/last.pt)")
     p.add_argument("--max-steps", type=in_range(int, 1), help="stop after this step, with a checkpoint")
     p.add_argument("--generate", type=in_range(int, 1), metavar="N", help="write N images from --ckpt to --out")
     p.add_argument("--ckpt", help="the checkpoint --generate reads")
     args = p.parse_args(argv)
     try:
-        if args.generate:
-            if not (args.ckpt and args.out) or Path(args.out).is_file():
-                raise UserError("--generate N needs --ckpt PATH and --out DIR (a folder) — e.g. --ckpt "
-                                "runs/dcgan_normal_64/checkpoints/last.pt --out fakes/normal")
-            return generate(args)
-        if args.ckpt or not args.cls:
-            raise UserError(f"training needs --cls, one of {', '.join(CLASSES)} (--ckpt is for --generate)"
-                            " — add --cls; to continue a run use --resume")
+        if args.generate and not (args.ckpt and args.out) or args.ckpt and not args.generate:
+            raise UserError("--generate N, --ckpt PATH and --out DIR go together — e.g. --generate 500 --ckpt "
+                            "runs/dcgan_normal_64/checkpoints/last.pt --out fakes/normal (to continue: --resume)")
+        if not (args.generate or args.cls):
+            raise UserError(f"training needs a class — add --cls, one of {', '.join(CLASSES)}")
         args.out = args.out or f"runs/dcgan_{args.cls}_{args.size}"
         if Path(args.out).is_file():
             raise UserError(f"--out {args.out} is a file — pass a folder")
-        if args.resume is None and (Path(args.out) / "checkpoints/last.pt").exists():
-            raise UserError(f"{args.out} already holds a run — add --resume to continue it, or pass another --out")
-        train(args, argv)
+        if not args.generate and args.resume is None and (Path(args.out) / "checkpoints/last.pt").exists():
+            raise UserError(f"{args.out} already holds a run — add --resume to continue it, or another --out")
+        generate(args) if args.generate else train(args, argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -95,16 +95,16 @@ def test_parameter_counts_match_the_papers_tables():
     assert n_params(G) == 3_574_656 and n_params(D) == 2_763_520  # Tables 1 and 2, "Total params"
     table1 = [819_200, 1_024, 2_097_152, 512, 524_288, 256, 131_072, 128, 1_024]  # "Param #" column
     table2 = [1_024, 131_072, 256, 524_288, 512, 2_097_152, 1_024, 8_192]
-    assert [n_params(m) for m in G.net if n_params(m)] == table1
+    assert [n_params(m) for m in G if n_params(m)] == table1
     assert [n_params(m) for m in D.net if n_params(m)] == table2
     # Dropout after the first, third and fourth blocks only (Table 2); no bias anywhere.
     assert [type(m).__name__ for m in D.net] == [
         "Conv2d", "LeakyReLU", "Dropout", "Conv2d", "BatchNorm2d", "LeakyReLU", "Conv2d", "BatchNorm2d",
         "LeakyReLU", "Dropout", "Conv2d", "BatchNorm2d", "LeakyReLU", "Dropout", "Conv2d"]
-    assert all(m.bias is None for m in [*G.net, *D.net] if isinstance(m, torch.nn.modules.conv._ConvNd))
+    assert all(m.bias is None for m in [*G, *D.net] if isinstance(m, torch.nn.modules.conv._ConvNd))
     assert [m.p for m in D.net if isinstance(m, torch.nn.Dropout)] == [dcgan.DROPOUT] * 3
     assert [m.negative_slope for m in D.net if isinstance(m, torch.nn.LeakyReLU)] == [0.2] * 4
-    assert G.net[0].in_channels == 100
+    assert G[0].in_channels == 100
 
 
 @pytest.mark.parametrize("size", dcgan.SIZES)
@@ -123,11 +123,11 @@ def test_forward_is_in_tanh_range_and_init_follows_radford():
     fake = G(torch.randn(2, dcgan.NZ, 1, 1))
     assert fake.shape == (2, 1, 64, 64) and fake.abs().max() <= 1
     assert torch.isfinite(dcgan.Discriminator(64)(fake)).all()
-    conv = G.net[3].weight  # 512 x 256 x 4 x 4 values
-    bn = torch.cat([m.weight for m in G.net if isinstance(m, torch.nn.BatchNorm2d)])
+    conv = G[3].weight  # 512 x 256 x 4 x 4 values
+    bn = torch.cat([m.weight for m in G if isinstance(m, torch.nn.BatchNorm2d)])
     assert abs(conv.mean().item()) < 1e-3 and abs(conv.std().item() - 0.02) < 1e-3
     assert abs(bn.mean().item() - 1) < 5e-3 and abs(bn.std().item() - 0.02) < 5e-3
-    assert all((m.bias == 0).all() for m in G.net if isinstance(m, torch.nn.BatchNorm2d))
+    assert all((m.bias == 0).all() for m in G if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def make_step_parts(seed=0):
