@@ -75,7 +75,6 @@ class Generator(nn.Module):
         ConvTranspose2d(256, 128, 4, 2, 1)    (B, 128, 56, 56)    BN, ReLU
         ConvTranspose2d(128, C, 4, 2, 1)      (B, C, 112, 112)    Tanh
     """
-
     def __init__(self, n_classes, channels=1, size=112, g_channels=G_CHANNELS, nz=NZ, embed_dim=EMBED_DIM):
         super().__init__()
         self.s0, self.g_channels = size // 16, g_channels
@@ -101,7 +100,6 @@ class Discriminator(nn.Module):
     ends them in a sigmoid and a softmax; we return logits for BCE-with-logits (autocast-safe, unlike
     sigmoid + BCELoss) and cross-entropy (a softmax before it would apply the softmax twice).
     """
-
     def __init__(self, n_classes, channels=1, size=112, d_channels=D_CHANNELS, dropout=DROPOUT):
         super().__init__()
         widths, layers = [channels, d_channels, 2 * d_channels, 4 * d_channels, 8 * d_channels], []
@@ -127,30 +125,39 @@ def init_weights(module):
 
 # -- The training step ---------------------------------------------------------------------------
 
-def train_step(G, D, opt_g, opt_d, scaler, autocast, real, y_real, z, y_fake):
-    """One AC-GAN iteration: a D step, then a G step on the same fakes (Odena et al. Sec. 3).
+def diff_augment(x):
+    """DiffAugment (Zhao et al., NeurIPS 2020, arXiv:2006.10738), per image: brightness, contrast, a shift
+    of up to 1/8 of the side, a cutout of half the side. Differentiable; no flips (hearts sit left)."""
+    b, _, h, w = x.shape
+    x = x + torch.rand(b, 1, 1, 1, device=x.device) - 0.5
+    x = (x - x.mean((1, 2, 3), True)) * (torch.rand(b, 1, 1, 1, device=x.device) + 0.5) + x.mean((1, 2, 3), True)
+    theta = torch.eye(2, 3, device=x.device).repeat(b, 1, 1)  # whole-pixel shifts, zeros come in
+    theta[:, :, 2] = 2 * torch.randint(-(h // 8), h // 8 + 1, (b, 2), device=x.device) / h
+    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    y, c = torch.randint(0, h, (2, b, 1, 1, 1), device=x.device)  # the cutout's centre
+    rows, cols = torch.arange(h, device=x.device).view(h, 1), torch.arange(w, device=x.device)
+    return x * (((rows - y).abs() >= h // 4) | ((cols - c).abs() >= w // 4))
 
-    With L_S, L_C the log-likelihoods of the right source and class (on real and fake images), D
-    maximises L_S + L_C, G maximises L_C - L_S; -log-likelihood = BCE-with-logits for the source
-    logit, cross-entropy for the class logits. G's -L_S is non-saturating (fakes judged real), as
-    log(1 - D(G(z))) gives G no gradient while D rejects every fake (Goodfellow et al., NeurIPS 2014,
-    arXiv:1406.2661, Sec. 3). real: (B, C, S, S) in [-1, 1]. Returns the STATS, without a host sync.
-    """
+def train_step(G, D, opt_g, opt_d, scaler, autocast, real, y_real, z, y_fake, augment=nn.Identity()):
+    """One AC-GAN iteration: a D step, then a G step on the same fakes (Odena et al. Sec. 3). With L_S,
+    L_C the log-likelihoods of the right source and class, D maximises L_S + L_C, G maximises L_C - L_S
+    (as BCE-with-logits and cross-entropy). G's -L_S is non-saturating: log(1 - D(G(z))) gives G no
+    gradient while D rejects every fake (Goodfellow et al., arXiv:1406.2661, Sec. 3). real: (B, C, S, S)
+    in [-1, 1]; augment: diff_augment or none. Returns the STATS, without a host sync."""
     bce, ce = F.binary_cross_entropy_with_logits, F.cross_entropy
     opt_d.zero_grad(set_to_none=True)
     with autocast:
         fake = G(z, y_fake)
-        src_real, cls_real = D(real)  # real and fake in separate calls: separate BatchNorm batches
-        src_fake, cls_fake = D(fake.detach())  # detach: the D step must not reach G
+        src_real, cls_real = D(augment(real))  # real and fake in separate calls: separate BatchNorm batches
+        src_fake, cls_fake = D(augment(fake.detach()))  # detach: the D step must not reach G
         d_terms = [bce(src_real, torch.ones_like(src_real)), bce(src_fake, torch.zeros_like(src_fake)),
                    ce(cls_real, y_real), ce(cls_fake, y_fake)]
     scaler.scale(sum(d_terms)).backward()
     scaler.step(opt_d)
-
     opt_g.zero_grad(set_to_none=True)
     D.requires_grad_(False)  # G's backward needs D's input gradients, not its weight gradients
     with autocast:  # judged by the D just updated, as pytorch/examples' DCGAN
-        src_after, cls_after = D(fake)
+        src_after, cls_after = D(augment(fake))
         g_terms = [bce(src_after, torch.ones_like(src_after)), ce(cls_after, y_fake)]
     scaler.scale(sum(g_terms)).backward()
     scaler.step(opt_g)
@@ -167,7 +174,6 @@ class UserError(Exception):
 
 class Parser(argparse.ArgumentParser):
     """argparse whose mistakes are one `error:` line and exit code 2, like every other UserError."""
-
     def error(self, message):
         self.exit(2, f"error: {message} — see python {self.prog} --help\n")
 
@@ -336,7 +342,7 @@ def train(args, argv):
     amp = args.amp if args.amp is not None else cuda
     dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
     autocast = torch.autocast(device.type, dtype=dtype, enabled=amp)
-    layout = torch.channels_last if cuda else torch.contiguous_format
+    layout = torch.channels_last if cuda and amp else torch.contiguous_format  # --no-amp: plain fp32, NCHW
     torch.backends.cudnn.benchmark = cuda
     torch.manual_seed(args.seed)  # the global RNG: initial weights, then z, G's labels and dropout
     G, D = (net.apply(init_weights).to(device, memory_format=layout) for net in (
@@ -346,6 +352,7 @@ def train(args, argv):
                     for net in (G, D))
     parts = {"G": G, "D": D, "opt_g": opt_g, "opt_d": opt_d,
              "scaler": torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)}
+    augment = diff_augment if args.diffaug else nn.Identity()
     step_args = (torch.compile(G) if args.compile else G, torch.compile(D) if args.compile else D,
                  opt_g, opt_d, parts["scaler"], autocast)
     step = restore(ckpt, parts, device) if ckpt else 0
@@ -375,7 +382,7 @@ def train(args, argv):
             real = (images[batches[i]].float() / 127.5 - 1).contiguous(memory_format=layout)
             z = torch.randn(args.batch_size, NZ, device=device)
             y_fake = torch.randint(len(classes), (args.batch_size,), device=device)  # uniform (see the docstring)
-            window += train_step(*step_args, real, labels_dev[batches[i]], z, y_fake)
+            window += train_step(*step_args, real, labels_dev[batches[i]], z, y_fake, augment)
             step, n = step + 1, n + 1
             end = step == total or bool(stop)
             save = step % args.save_every == 0 or end
@@ -453,6 +460,7 @@ def main(argv=None):
     p.add_argument("--lr", type=in_range(float, 1e-12), default=LR, help="RMSprop learning rate of G and D")
     p.add_argument("--epochs", type=in_range(int, 1), default=EPOCHS, help="epochs in all, across resumes")
     p.add_argument("--batch-size", type=in_range(int, 1), default=BATCH_SIZE, help="images per step")
+    p.add_argument("--diffaug", action=argparse.BooleanOptionalAction, default=False, help="DiffAugment before D")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, z, labels, dropout and data order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction,

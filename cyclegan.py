@@ -16,7 +16,8 @@ The generators minimise, for x from src and y from dst (Eq. 3, plus the identity
   python prep.py synthetic --out data/synth                                # phantoms, no download
   python cyclegan.py --src normal --dst viral --data data/synth/train --size 64 --epochs 5      # a CPU demo
   python cyclegan.py --src normal --dst viral      # data/train, 256 px, Zhu et al.'s networks: a GPU job
-  python cyclegan.py --src normal --dst viral --generator unet --lambda-idt 0 --eval-every 25  # FID at 25..100
+  python cyclegan.py --src normal --dst viral --generator unet --lambda-idt 0 --eval-every 33625  # FID each
+      # 25 epochs (an epoch = max(|src|, |dst|) = 1,345 steps on Kermany normal -> viral at batch 1)
   python cyclegan.py --src normal --dst viral --resume                    # continue after Ctrl-C
   python cyclegan.py --translate data/test/normal --ckpt runs/cyclegan_normal_viral_256/checkpoints/last.pt \\
       --out fakes/viral --grid
@@ -197,17 +198,31 @@ def lr_factor(epoch, epochs, decay_epochs):
     decay_epochs (App. 7.1); as the reference code, the last epoch runs at 1/(decay_epochs + 1)."""
     return 1.0 - max(0, epoch + 1 - (epochs - decay_epochs)) / (decay_epochs + 1)
 
+def diff_augment(x):
+    """DiffAugment (Zhao et al., NeurIPS 2020, arXiv:2006.10738), per image: brightness, contrast, a shift
+    of up to 1/8 of the side, a cutout of half the side. Differentiable; no flips (hearts sit left)."""
+    b, _, h, w = x.shape
+    x = x + torch.rand(b, 1, 1, 1, device=x.device) - 0.5
+    x = (x - x.mean((1, 2, 3), True)) * (torch.rand(b, 1, 1, 1, device=x.device) + 0.5) + x.mean((1, 2, 3), True)
+    theta = torch.eye(2, 3, device=x.device).repeat(b, 1, 1)  # whole-pixel shifts, zeros come in
+    theta[:, :, 2] = 2 * torch.randint(-(h // 8), h // 8 + 1, (b, 2), device=x.device) / h
+    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    y, c = torch.randint(0, h, (2, b, 1, 1, 1), device=x.device)  # the cutout's centre
+    rows, cols = torch.arange(h, device=x.device).view(h, 1), torch.arange(w, device=x.device)
+    return x * (((rows - y).abs() >= h // 4) | ((cols - c).abs() >= w // 4))
+
 def train_step(nets, opt_g, opt_d, scaler, pool_src, pool_dst, autocast, x, y, gan_mode="lsgan",
-               lambda_cyc=LAMBDA_CYC, lambda_idt=LAMBDA_IDT):
+               lambda_cyc=LAMBDA_CYC, lambda_idt=LAMBDA_IDT, augment=nn.Identity()):
     """One iteration in the reference code's order: both generators (the discriminators frozen),
     then both discriminators on real images and pooled fakes. x: a src batch, y: a dst batch,
-    (B, C, S, S) in [-1, 1]. Returns the STATS as one tensor, without a host sync."""
+    (B, C, S, S) in [-1, 1]; augment: diff_augment (every image a D sees) or none. Returns the STATS
+    as one tensor, without a host sync."""
     to_dst, to_src, D_src, D_dst = nets.G_src2dst, nets.G_dst2src, nets.D_src, nets.D_dst
     D_src.requires_grad_(False), D_dst.requires_grad_(False)  # L_G's backward need not fill D's grads
     with autocast:
         fake_dst, fake_src = to_dst(x), to_src(y)                        # G(x), F(y)
-        adv_dst = gan_loss(D_dst(fake_dst), True, gan_mode)              # G fools D_Y (Eq. 1)
-        adv_src = gan_loss(D_src(fake_src), True, gan_mode)              # F fools D_X
+        adv_dst = gan_loss(D_dst(augment(fake_dst)), True, gan_mode)     # G fools D_Y (Eq. 1)
+        adv_src = gan_loss(D_src(augment(fake_src)), True, gan_mode)     # F fools D_X
         cyc_src = lambda_cyc * F.l1_loss(to_src(fake_dst), x)            # F(G(x)) ~ x (Eq. 2)
         cyc_dst = lambda_cyc * F.l1_loss(to_dst(fake_src), y)            # G(F(y)) ~ y
         # Identity (Sec. 5.2, after Taigman et al.): G leaves dst images alone, keeping grey levels.
@@ -219,9 +234,10 @@ def train_step(nets, opt_g, opt_d, scaler, pool_src, pool_dst, autocast, x, y, g
     scaler.step(opt_g)
 
     D_src.requires_grad_(True), D_dst.requires_grad_(True)
-    with autocast:  # real -> 1, a pooled fake -> 0; halved "to slow down the rate at which D learns
-        real_src, pooled_src = D_src(x), D_src(pool_src.query(fake_src))  # relative to G" (App. 7.1)
-        real_dst, pooled_dst = D_dst(y), D_dst(pool_dst.query(fake_dst))  # (B, 1, P, P) logits
+    # Real -> 1, a pooled fake -> 0; halved "to slow down the rate at which D learns relative to G" (App. 7.1)
+    with autocast:  # logits (B, 1, P, P)
+        real_src, pooled_src = D_src(augment(x)), D_src(augment(pool_src.query(fake_src)))
+        real_dst, pooled_dst = D_dst(augment(y)), D_dst(augment(pool_dst.query(fake_dst)))
         loss_d_src = 0.5 * (gan_loss(real_src, True, gan_mode) + gan_loss(pooled_src, False, gan_mode))
         loss_d_dst = 0.5 * (gan_loss(real_dst, True, gan_mode) + gan_loss(pooled_dst, False, gan_mode))
     opt_d.zero_grad(set_to_none=True)
@@ -432,12 +448,13 @@ def train(args, argv):
     amp = args.amp if args.amp is not None else cuda
     dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
     autocast = torch.autocast(device.type, dtype=dtype, enabled=amp)
-    layout = torch.channels_last if cuda else torch.contiguous_format
+    layout = torch.channels_last if cuda and amp else torch.contiguous_format  # --no-amp: plain fp32, NCHW
     torch.backends.cudnn.benchmark = cuda
     parts = make_parts(args, device, layout, fp16=amp and dtype == torch.float16)
     nets, step = parts["nets"], restore(ckpt, parts, device) if ckpt else 0
     for net in nets.children() if args.compile else ():
         net.compile()  # in place: the state_dict keys stay the same
+    augment = diff_augment if args.diffaug else nn.Identity()
     step_args = [parts[k] for k in ("nets", "opt_g", "opt_d", "scaler", "pool_src", "pool_dst")]
 
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -463,11 +480,10 @@ def train(args, argv):
                                   args.seed, epoch).to(device)
             x = jitter(src, plan[i, :4], args.size).contiguous(memory_format=layout)
             y = jitter(dst, plan[i, 4:], args.size).contiguous(memory_format=layout)
-            window += train_step(*step_args, autocast, x, y, args.gan_loss, args.lambda_cyc, args.lambda_idt)
+            window += train_step(*step_args, autocast, x, y, args.gan_loss, args.lambda_cyc, args.lambda_idt, augment)
             step, n = step + 1, n + 1
-            end, epochs_done = step == total or bool(stop), step // iters
-            evaluate = bool(evaluator) and step % iters == 0 and (epochs_done % args.eval_every == 0
-                                                                  or epochs_done == args.epochs)
+            end = step == total or bool(stop)
+            evaluate = bool(evaluator) and step % args.eval_every == 0
             save = step % args.save_every == 0 or end or evaluate
             if step % args.log_every == 0 or save:  # the only host syncs: log and save steps
                 if not torch.isfinite(window).all():
@@ -492,7 +508,7 @@ def train(args, argv):
                 scores = evaluator.score(translate_images(nets.G_src2dst, eval_src))
                 print(f"eval: FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f}, IS {scores['is_mean']:.2f}"
                       f" ({scores['n_fake']} fakes vs {scores['n_real']} real, {scores['network']})")
-                log_row(out / "metrics.csv", {"step": step, "epoch": epochs_done, **scores})
+                log_row(out / "metrics.csv", {"step": step, "epoch": step / iters, **scores})
             if save:
                 state = checkpoint(parts, step, args, device)
                 save_atomic(state, last)
@@ -557,6 +573,7 @@ def main(argv=None):
     p.add_argument("--gan-loss", choices=("lsgan", "bce"), default="lsgan", help="adversarial loss")
     p.add_argument("--lambda-cyc", type=in_range(float, 0), default=LAMBDA_CYC, help="weight of the cycle loss")
     p.add_argument("--lambda-idt", type=in_range(float, 0), default=LAMBDA_IDT, help="identity loss / --lambda-cyc")
+    p.add_argument("--diffaug", action=argparse.BooleanOptionalAction, default=False, help="DiffAugment before D")
     p.add_argument("--pool-size", type=in_range(int, 0), default=POOL_SIZE, help="fakes D remembers (0: off)")
     p.add_argument("--flip", action="store_true", help="random mirroring (off: it puts the heart on the right)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order, crops, dropout and pools")
@@ -567,7 +584,7 @@ def main(argv=None):
     p.add_argument("--log-every", type=in_range(int, 1), default=100, help="steps per log row")
     p.add_argument("--sample-every", type=in_range(int, 0), default=1000, help="steps per sample grid (0: off)")
     p.add_argument("--save-every", type=in_range(int, 1), default=1000, help="steps per step_NNNNNN.pt")
-    p.add_argument("--eval-every", type=in_range(int, 0), default=0, help="epochs per FID/IS/KID (0: off)")
+    p.add_argument("--eval-every", type=in_range(int, 0), default=0, help="steps per FID/IS/KID (0: off)")
     p.add_argument("--fid-weights", help="local FID Inception weights (default: download)")
     p.add_argument("--resume", nargs="?", const="", help="continue from PATH (no value: <out>/checkpoints/last.pt)")
     p.add_argument("--max-steps", type=in_range(int, 1), help="stop after this step, with a checkpoint")

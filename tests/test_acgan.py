@@ -564,3 +564,22 @@ def test_help_states_the_class_imbalance_rule(capsys):
     assert run_main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "balanced sampling" in text and "no class weights" in text
+
+
+def test_diffaug_augments_real_and_fake_alike_and_is_off_by_default(synth, tmp_path):
+    """The real batch, the detached fakes and the fakes of G's step all go through the same
+    augmentation (the function is dcgan.py's, tested there), and G learns through it."""
+    G, D, *rest = make_step_parts()
+    calls = []
+
+    def recorder(x):
+        calls.append(x.requires_grad)
+        return acgan.diff_augment(x)
+
+    before = [p.detach().clone() for p in G.parameters()]
+    assert torch.isfinite(acgan.train_step(G, D, *rest, *step_inputs(), recorder)).all()
+    assert calls == [False, False, True] and all(not torch.equal(b, p) for b, p in zip(before, G.parameters()))
+    for flags in ([], ["--diffaug"]):
+        out = tmp_path / f"run{len(flags)}"
+        assert run_main(train_argv(synth, out, "--max-steps", "1", "--sample-every", "0", *flags)) == 0
+        assert json.loads((out / "config.json").read_text())["args"]["diffaug"] == bool(flags)

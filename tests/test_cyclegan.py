@@ -455,17 +455,17 @@ def fid_weights(tmp_path_factory):
 @pytest.mark.filterwarnings("ignore")  # FID of 2 images warns, as it should
 def test_eval_every_writes_metrics_csv(synth, fid_weights, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert run_main(train_argv(synth, out, "--epochs", "1", "--decay-epochs", "0", "--eval-every", "1",
+    assert run_main(train_argv(synth, out, "--epochs", "1", "--decay-epochs", "0", "--eval-every", "2",
                                "--fid-weights", str(fid_weights), "--sample-every", "0")) == 0
     rows = read_rows(out / "metrics.csv")
-    assert [(r["step"], r["epoch"]) for r in rows] == [("2", "1")]
+    assert [(r["step"], r["epoch"]) for r in rows] == [("2", "1.0")]
     assert int(rows[0]["n_real"]) == N_TRAIN and int(rows[0]["n_fake"]) == 2  # train viral, test normal
     assert all(math.isfinite(float(rows[0][k])) for k in ("fid", "is_mean", "is_std", "kid_mean", "kid_std"))
     assert rows[0]["network"] and "eval: FID" in capsys.readouterr().out
     assert (out / "checkpoints" / "step_000002.pt").is_file()  # the scored model is kept
 
 
-def test_eval_runs_every_e_epochs_and_after_the_last(synth, tmp_path, monkeypatch):
+def test_eval_runs_every_e_steps(synth, tmp_path, monkeypatch):
     scored = []
 
     class Recorder:
@@ -475,13 +475,12 @@ def test_eval_runs_every_e_epochs_and_after_the_last(synth, tmp_path, monkeypatc
 
     monkeypatch.setattr(cyclegan, "make_evaluator", lambda args, device: (Recorder(), torch.zeros(3, 3, SIZE, SIZE)))
     out = tmp_path / "e"
-    assert run_main(train_argv(synth, out, "--epochs", "5", "--eval-every", "2", "--sample-every", "0",
+    assert run_main(train_argv(synth, out, "--epochs", "5", "--eval-every", "4", "--sample-every", "0",
                                "--save-every", "100", "--channels", "3")) == 0  # 3 channels: the gray repeated
     assert json.loads((out / "config.json").read_text())["args"]["decay_epochs"] == 2  # default: half of 5
-    assert [(r["step"], r["epoch"]) for r in read_rows(out / "metrics.csv")] == [("4", "2"), ("8", "4"), ("10", "5")]
-    assert scored == [3, 3, 3] and Image.open(out / "samples" / "step_000000.png").mode == "L"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "last.pt", "step_000004.pt", "step_000008.pt", "step_000010.pt"]
+    assert [(r["step"], r["epoch"]) for r in read_rows(out / "metrics.csv")] == [("4", "2.0"), ("8", "4.0")]
+    assert scored == [3, 3] and Image.open(out / "samples" / "step_000000.png").mode == "L"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_000004.pt", "step_000008.pt"]
 
 
 def test_missing_fid_weights_fail_before_training(synth, tmp_path, capsys):
@@ -643,3 +642,28 @@ def test_the_evidence_script_starts(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(REPO / "tests" / "evidence_cyclegan.py"), run_name="__main__")
     assert e.value.code == 0 and "--minutes" in capsys.readouterr().out
+
+
+def test_diffaug_augments_every_image_a_discriminator_sees(synth, tmp_path):
+    """Both G terms (fakes) and both D terms (real images and pooled fakes) go through the same
+    augmentation, the generators learn through it, and it is off unless --diffaug."""
+    torch.manual_seed(0)
+    nets = cyclegan.CycleGAN("resnet", 1, SIZE, ngf=4, ndf=4)
+    params = lambda *names: [p for name in names for p in getattr(nets, name).parameters()]  # noqa: E731
+    opt_g, opt_d = torch.optim.SGD(params("G_src2dst", "G_dst2src"), 0.1), torch.optim.SGD(params("D_src", "D_dst"), 0.1)
+    pool, scaler = cyclegan.ImagePool(0, 0), torch.amp.GradScaler("cpu", enabled=False)
+    calls = []
+
+    def recorder(x):
+        calls.append(x.requires_grad)
+        return cyclegan.diff_augment(x)
+
+    before = [p.detach().clone() for p in params("G_src2dst")]
+    x, y = torch.rand(2, 2, 1, SIZE, SIZE) * 2 - 1
+    stats = cyclegan.train_step(nets, opt_g, opt_d, scaler, pool, pool, contextlib.nullcontext(), x, y, augment=recorder)
+    assert torch.isfinite(stats).all() and calls == [True, True, False, False, False, False]
+    assert all(not torch.equal(b, p) for b, p in zip(before, params("G_src2dst")))
+    for flags in ([], ["--diffaug"]):
+        out = tmp_path / f"run{len(flags)}"
+        assert run_main(train_argv(synth, out, "--max-steps", "1", "--sample-every", "0", *flags)) == 0
+        assert json.loads((out / "config.json").read_text())["args"]["diffaug"] == bool(flags)

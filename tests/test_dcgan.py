@@ -458,3 +458,45 @@ def test_subprocess_error_is_one_line_without_traceback(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: data folder"), result.stderr
     assert "python prep.py kermany PATH" in lines[0] and "python prep.py synthetic" in lines[0]
+
+
+# -- DiffAugment (--diffaug) -----------------------------------------------------------------------
+
+def test_diff_augment_keeps_shapes_passes_gradients_and_changes_each_image():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, SIZE, SIZE, requires_grad=True)
+    y = dcgan.diff_augment(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad != 0).float().mean() > 0.4  # a cutout and a shift drop some
+    # Per image: the cutout removes about a quarter of the image (half the side, clipped at the border)
+    # and no two images get the same brightness.
+    zeros = (dcgan.diff_augment(torch.ones(200, 1, SIZE, SIZE) * 5) == 0).float().mean((1, 2, 3))
+    assert 0.1 < zeros.mean() < 0.3 and zeros.std() > 0.02
+
+
+def test_diffaug_augments_real_and_fake_alike_and_g_learns_through_it():
+    """train_step sends the real batch, the detached fakes and the fakes for G's step through the
+    same augmentation; G's gradient flows through it."""
+    G, D, *rest = make_step_parts()
+    calls = []
+
+    def recorder(x):
+        calls.append(x.requires_grad)
+        return dcgan.diff_augment(x)
+
+    real, z = torch.rand(4, 1, SIZE, SIZE) * 2 - 1, torch.randn(4, dcgan.NZ, 1, 1)
+    before = [p.detach().clone() for p in G.parameters()]
+    stats = dcgan.train_step(G, D, *rest, real, z, recorder)
+    assert calls == [False, False, True] and torch.isfinite(stats).all()  # real, fake.detach(), fake
+    assert all(not torch.equal(b, p) for b, p in zip(before, G.parameters()))
+
+
+def test_diffaug_is_off_by_default_and_on_by_flag(synth, tmp_path):
+    rows = {}
+    for flags in ([], ["--diffaug"]):
+        out = tmp_path / ("aug" if flags else "plain")
+        assert run_main(train_argv(synth, out, "--max-steps", "1", "--log-every", "1", "--sample-every", "0", *flags)) == 0
+        assert json.loads((out / "config.json").read_text())["args"]["diffaug"] == bool(flags)
+        rows[bool(flags)] = read_rows(out / "log.csv")[0]
+    assert rows[True]["d_x"] != rows[False]["d_x"]  # same seed, same weights: D saw other images
