@@ -1,37 +1,31 @@
-"""classify.py: do synthetic chest X-rays help a classifier, and do they look real to one?
+"""classify.py: do synthetic chest X-rays help a classifier, and do they look real?
 
-A small X-ray classifier and the experiments the papers build on it:
-- train: on real, generated ("fake") or real+fake images; accuracy, precision, sensitivity (recall),
-  specificity and F1 on real test images, per class and macro, mean ± std over seeds and folds.
-  Davoodi B., Lo Giudice M., "Synthetic of Chest X-ray Images", Sec. 3.3.2 and Tables 4a/4b (4 folds);
-  Dhawan K., Nijhawan S.S., "Cross-Modality Synthetic Data Augmentation using GANs: Enhancing Brain
-  MRI and Chest X-Ray Classification", Table I (real / fake / fake + real).
-- judge: the share of generated images accepted as their class with probability > 0.98, beside real
-  ones: Lugo-Torres G., Peralta-Rodríguez D.A., Valdez-Rodríguez J.E., Calvo H., "Synthetic Generation
-  of Pneumonia Images using CycleGAN Model", extended version ("Evaluation of ViT on the generated
-  images"). It measures confidence, not realism: a softmax has no "none of these".
-- fid: the Frechet distance (Heusel M. et al., NeurIPS 2017, arXiv:1706.08500) in this classifier's
-  penultimate features: Lugo-Torres et al. find ImageNet-Inception FID lacking on X-rays (Introduction).
+- train: a classifier on real, generated ("fake") or real+fake images; accuracy, precision, sensitivity
+  (recall), specificity and F1 on real test images, per class and macro, mean ± std over seeds/folds.
+  Davoodi B., Lo Giudice M., "Synthetic of Chest X-ray Images", Sec. 3.3.2, Tables 4a/4b (4 folds);
+  Dhawan K., Nijhawan S.S., "Cross-Modality Synthetic Data Augmentation using GANs", Table I.
+- judge: the share of generated images a classifier accepts as their class with p > 0.98, beside real ones, as
+  the ViT judge of Lugo-Torres G. et al., "Synthetic Generation of Pneumonia Images using CycleGAN Model",
+  extended version. It measures confidence, not realism, so it also gives the domain FID: the Frechet distance
+  (Heusel M. et al., NeurIPS 2017, arXiv:1706.08500) of the two sets in the classifier's features.
+- study: a reader study as the same authors' (real or synthetic? which class?): one page, then the readers' scores.
 
-    python prep.py synthetic --out data/synthetic --n 200 --size 64
-    python classify.py train --real data/synthetic/train --seeds 3 --out runs/real
-    python classify.py train --real data/synthetic/train --fake FAKE --mode real fake real+fake --seeds 3
-    python classify.py train --real data/synthetic/train --fake viral=FAKE_VIRAL --mode real real+fake
-    python classify.py train --real data/synthetic/train --real-per-class 20 --augment --seeds 5
-    python classify.py train --real data/synthetic/train --folds 4 --recipe paper
-    python classify.py judge --ckpt runs/real/real/seed0/model.pt --images FAKE_VIRAL --expect viral
-    python classify.py fid --ckpt runs/real/real/seed0/model.pt data/synthetic/test/viral FAKE_VIRAL
+    python classify.py train --real data/train --fake fakes/acgan --mode real fake real+fake --seeds 3
+    python classify.py train --real data/train --fake viral=fakes/dcgan_viral --real-per-class 100 --augment
+    python classify.py train --real data/train --folds 4 --recipe paper
+    python classify.py judge --ckpt runs/classify/real/seed0/model.pt --images fakes/dcgan_viral --expect viral
+    python classify.py study make --real data/test --fake fakes/acgan --n 100 --fake-share 0.8 --out study
+    python classify.py study score --key study/key.json answers_*.json
 
-Data: DATA/{train,test}/<class>/*.png, 8-bit gray, as prep.py writes them; --test defaults to the
-`test` beside --real, and --folds K splits --real by patient (DATA/manifest.csv) instead. FAKE is
-FAKE/<class>/*.png as acgan.py --generate writes it; a flat folder of one class (dcgan.py --generate,
-cyclegan.py --translate) is passed as CLASS=DIR. train writes into --out: config.json; table.txt;
-results.json (after every run, so Ctrl-C keeps the finished ones); <mode>/confusion.png (summed over
-the runs; rows = true class, columns = predicted, darker = more of the row); and per run
-<mode>/seed<S>[_fold<K>]/{model.pt (torch.load(weights_only=True)), predictions.csv, confusion.png}.
+Data: DATA/{train,test}/<class>/*.png (prep.py); --test defaults to the `test` beside --real; --folds K splits
+--real by patient (DATA/manifest.csv). Generated: FAKE/<class>/*.png (acgan.py), or CLASS=FAKE for a flat
+folder (dcgan.py, cyclegan.py). train writes into --out: table.txt; results.json (after each run: Ctrl-C keeps
+them); <mode>/confusion.png; per run <mode>/seed<S>[_fold<K>]/ model.pt, predictions.csv and confusion.png.
 """
 import argparse
+import base64
 import csv
+import hashlib
 import json
 import math
 import os
@@ -73,8 +67,8 @@ METRICS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Sensitiv
 # ---- The models: (B, 1, H, W) in [0, 1] -> logits; features() -> (B, D) for the domain FID
 
 class Classifier(nn.Module):
-    """A body (normalised image -> (B, D) features) and one linear layer to the logits (no softmax:
-    F.cross_entropy takes logits). mean and std are buffers, so a checkpoint needs no download."""
+    """A body (normalised image -> (B, D) features) and a linear layer to the logits (no softmax: F.cross_entropy
+    takes logits). mean and std are buffers, so a checkpoint needs no download."""
 
     def __init__(self, body, dim, n_classes, mean_std, dropout=0.0):
         super().__init__()
@@ -90,16 +84,15 @@ class Classifier(nn.Module):
         return self.head(self.features(x))                          # (B, n_classes)
 
 def build_model(arch, n_classes, pretrained=False):
-    """small (ours): four stages of [conv3x3-BN-ReLU] x 2 + max-pool, ~0.29 M parameters; two convs at
-    full resolution, where the texture that tells viral from normal lungs lives (one conv there scored
-    ~15 points lower on phantoms). Else torchvision's net, with its ImageNet weights if pretrained."""
+    """small (ours): four stages of [conv3x3-BN-ReLU] x 2 + max-pool, ~0.29 M parameters; two convs at full
+    resolution, where viral and normal lungs differ (one scored ~15 points lower on phantoms). Else torchvision's
+    net, with its ImageNet weights if pretrained."""
     if arch == "small":
-        layers, c_in = [], 1
-        for c in SMALL_WIDTHS:                                      # no conv bias before a BatchNorm
+        layers = []
+        for c_in, c in zip((1,) + SMALL_WIDTHS, SMALL_WIDTHS):     # no conv bias before a BatchNorm
             layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
                        nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2)]                             # (B, c, H/2, W/2)
-            c_in = c
         body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())   # (B, D) at any input size
         return Classifier(body, SMALL_WIDTHS[-1], n_classes, SCRATCH)
     net = getattr(torchvision.models, arch)()
@@ -127,10 +120,9 @@ def build_model(arch, n_classes, pretrained=False):
 # ---- Metrics, all from the confusion matrix cm[true, predicted]
 
 def metrics_from_confusion(cm, classes):
-    """Overall accuracy; per class, one vs rest (TP = cm[c, c], FN = rest of row c, FP = rest of
-    column c): accuracy (TP + TN) / N as Davoodi & Lo Giudice's Table 4, precision, recall
-    (sensitivity), specificity and F1; and their unweighted (macro) means. A ratio 0/0 counts as 0,
-    as scikit-learn's zero_division=0: a class never predicted gets no credit for it."""
+    """Overall accuracy; per class, one vs rest (TP = cm[c, c], FN = rest of row c, FP = rest of column c):
+    accuracy (TP + TN) / N as Davoodi & Lo Giudice's Table 4, precision, recall (sensitivity), specificity, F1;
+    their macro means. 0/0 counts as 0 (scikit-learn's zero_division=0): no credit for a class never predicted."""
     cm = np.asarray(cm, dtype=np.int64)
     n, tp = int(cm.sum()), np.diag(cm)
     fn, fp = cm.sum(1) - tp, cm.sum(0) - tp
@@ -153,8 +145,7 @@ def table(title, rows, first="class"):
         f"{name:<12}" + "".join(f"{cell([r[k] for r in runs]):>15}" for k in METRICS) for name, runs in rows])
 
 def mode_table(title, runs, classes):
-    """Davoodi & Lo Giudice's Table 4 layout: a row per class, the macro means, the overall accuracy,
-    then the confusion matrix summed over the runs."""
+    """Davoodi & Lo Giudice's Table 4: a row per class, macro means, overall accuracy, summed confusion matrix."""
     cm = np.sum([r["confusion"] for r in runs], axis=0)
     rows = [(c, [r["per_class"][c] for r in runs]) for c in classes] + [("macro", [r["macro"] for r in runs])]
     return "\n".join([table(title, rows), f"overall accuracy {cell([r['accuracy'] for r in runs])}",
@@ -256,9 +247,8 @@ def subsample(y, n, generator):
     return torch.cat([idx[torch.randperm(len(idx), generator=generator)][:n] for idx in per_class]).sort().values
 
 def patient_folds(split, images, k, seed):
-    """Fold id (0..k-1) per image; all images of a patient (DATA/manifest.csv; without it each image is
-    its own) share a fold. The patients are dealt to the folds in turn, in a seeded order grouped by
-    class, so every fold gets about as many patients of each class."""
+    """Fold id (0..k-1) per image; all images of a patient (DATA/manifest.csv; else each image is its own)
+    share a fold. Patients are dealt to the folds in turn, seeded and grouped by class: balanced folds."""
     data, patient_of = Path(split).resolve().parent, {}
     if (data / "manifest.csv").exists():
         with open(data / "manifest.csv", newline="") as f:
@@ -300,7 +290,7 @@ def train_model(model, data, n_classes, args, device):
     epochs = max(args.epochs, math.ceil(args.min_steps / math.ceil(n / bs)))
     total = min(epochs * math.ceil(n / bs), args.max_steps or math.inf)
     opt, schedule = make_optimizer(model, args, total, device)
-    amp = args.amp and device.type == "cuda"                        # bf16 where the GPU has it, else fp16
+    amp = device.type == "cuda"                                     # autocast: bf16 where the GPU has it, else fp16
     dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
     weights = class_weights(data.y, n_classes).to(device)
@@ -309,7 +299,7 @@ def train_model(model, data, n_classes, args, device):
     for epoch in range(1, epochs + 1):
         model.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0, 0
-        for idx in torch.randperm(n).to(device).split(bs):
+        for idx in torch.randperm(n).to(device).split(bs)[: total - step]:   # --max-steps may cut an epoch
             x, y = to_input(x_all[idx], device), y_all[idx]
             if args.augment:
                 x = torch.stack([AUGMENT(image) for image in x])    # new random parameters per image
@@ -323,17 +313,14 @@ def train_model(model, data, n_classes, args, device):
             schedule.step()                                         # after opt.step()
             loss_sum, correct = loss_sum + loss.detach() * len(y), correct + (logits.argmax(1) == y).sum()
             seen, step = seen + len(y), step + 1                    # no .item() (a host sync) per step
-            if step == total:
-                break
         if not torch.isfinite(loss_sum):
             raise UserError(f"the loss became NaN or inf in epoch {epoch} — lower --lr (finished runs are kept)")
         print(f"  epoch {epoch}/{epochs}  step {step}  loss {loss_sum.item() / seen:.4f}  "
               f"train accuracy {correct.item() / seen:.3f}  {time.perf_counter() - t0:.1f} s")
         if step == total:
             break
-    # Precise BN (Wu Y., Johnson J., "Rethinking 'Batch' in BatchNorm", arXiv:2105.07576, Sec. 3): the
-    # running statistics lag behind the weights; on 60 phantom images a net that fitted its batch then
-    # called every test image "normal" (0.33; recomputed: 0.80). One pass over the un-augmented images.
+    # Precise BN (Wu Y., Johnson J., "Rethinking 'Batch' in BatchNorm", arXiv:2105.07576, Sec. 3): the running
+    # statistics lag the weights; on 60 phantom images a net then called all test images "normal" (0.33; now 0.80).
     torch.optim.swa_utils.update_bn((to_input(b, device) for b in x_all.split(bs)), model)
     return step, epoch
 
@@ -383,8 +370,8 @@ def load_data(args):
     return classes, *(load_set(files, classes, args.size) if files else None for files in (real, fake, test))
 
 def training_set(mode, real, real_idx, fake, args, seed):
-    """The images one run trains on. The subsamples depend on the seed alone, so for one seed "real"
-    and "real+fake" share their real images: the modes are compared on paired runs."""
+    """The images one run trains on. The subsamples depend on the seed alone, so for one seed "real" and
+    "real+fake" share their real images: the modes are compared on paired runs."""
     generator, parts = torch.Generator().manual_seed(seed), []
     if mode != "fake":
         parts.append(take(real, real_idx[subsample(real.y[real_idx], args.real_per_class, generator)]))
@@ -394,8 +381,8 @@ def training_set(mode, real, real_idx, fake, args, seed):
     return Images(x, y, [path for p in parts for path in p.paths])
 
 def one_run(args, config, run, train, test, classes, device, run_dir):
-    """Train one model (run: its mode, seed and fold), score it on real images, and write model.pt,
-    predictions.csv and confusion.png -> its metrics."""
+    """Train one model (run: mode, seed, fold), score it on real images, write model.pt, predictions.csv and
+    confusion.png -> its metrics."""
     run_dir.mkdir(parents=True, exist_ok=True)
     n_train = dict(zip(classes, torch.bincount(train.y, minlength=len(classes)).tolist()))
     print(f"[{run_dir.parent.name} {run_dir.name}] training on {n_train}, scoring on {len(test.y)} real images")
@@ -445,10 +432,9 @@ def run_train(args):
         if min(len(s[2].y) for s in splits) == 0:
             raise UserError(f"--folds {args.folds} leaves a fold without patients — use fewer folds")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "run"} | dict(
         classes=classes, torch=str(torch.__version__), torchvision=torchvision.__version__, device=str(device))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    scored_on = args.test or f"held-out folds of {args.real}"
     results, texts = {}, []
     for mode in args.mode:
         runs = results[mode] = []
@@ -462,8 +448,7 @@ def run_train(args):
         save_confusion_png(np.sum([r["confusion"] for r in runs], axis=0), out / mode / "confusion.png")
         how = f"{args.seeds} seed(s)" + f" x {args.folds} folds" * bool(args.folds) + f" = {len(runs)} run(s)"
         texts.append(mode_table(f"{mode}: {args.arch}, {args.recipe} recipe{', --augment' * args.augment}, "
-                                f"{runs[0]['steps']} steps; {how}; scored on "
-                                + (args.test or f"held-out folds of {args.real}"), runs, classes))
+                                f"{runs[0]['steps']} steps; {how}; scored on {scored_on}", runs, classes))
         print(f"\n{texts[-1]}\n")
     # Dhawan & Nijhawan's Table I layout: a row per training set.
     texts.append(table("overall accuracy; the rest are macro averages", first="mode", rows=[
@@ -472,6 +457,9 @@ def run_train(args):
     (out / "table.txt").write_text("\n\n".join(texts) + "\n")
 
 def run_judge(args):
+    """The share of generated images the classifier accepts as --expect (p > threshold), beside the real
+    images of that class, and the domain FID between the two sets in the classifier's features."""
+    import metrics  # for the Frechet distance only
     device = pick_device(args.device)
     model, ckpt = load_classifier(args.ckpt, device)
     classes, c = ckpt["classes"], args.expect
@@ -483,42 +471,115 @@ def run_judge(args):
     generated = Path(args.images) if pngs(args.images) else Path(args.images) / c   # or the AC-GAN layout
     print(f"judge: {ckpt['arch']} classifier {args.ckpt}; accepted = p({c}) > {args.threshold}\n"
           f"{'set':<15}{'N':>6}{'accepted':>10}{'mean p':>9}{'argmax=' + c:>16}  folder")
-    rows = {}
+    rows, stats = {}, []
     for name, folder in (("generated", generated), ("real baseline", Path(args.baseline or ckpt["test_dir"]) / c)):
-        if not pngs(folder):
-            raise UserError(f"{folder} does not exist or holds no .png images — pass " + (
+        if len(pngs(folder)) < 2:
+            raise UserError(f"{folder} holds {len(pngs(folder))} .png images, fewer than 2 — pass " + (
                 "the folder --generate/--translate wrote" if name == "generated" else "another --baseline"))
-        probs = predict(model, load_images(pngs(folder), ckpt["size"]), device)
+        x = load_images(pngs(folder), ckpt["size"])
+        probs = predict(model, x, device)
         p = probs[:, classes.index(c)]
+        stats += metrics.feature_statistics(predict(model, x, device, features=True))
         rows[name] = r = {"n": len(p), "accepted": float((p > args.threshold).mean()), "mean_prob": float(p.mean()),
                           "argmax_share": float((probs.argmax(1) == classes.index(c)).mean()), "folder": str(folder)}
         print(f"{name:<15}{len(p):>6}{r['accepted']:>10.3f}{r['mean_prob']:>9.3f}{r['argmax_share']:>16.3f}  {folder}")
-    # In our run a softmax accepted 97.5 % of a 150-step AC-GAN's gray noise as viral (domain FID 247).
-    print("note: confident is not realistic: images unlike any X-ray can score high; check `classify.py fid` too")
+    # Confident is not realistic: a softmax accepted 97.5 % of a 150-step AC-GAN's gray noise as viral.
+    # The Frechet distance (Heusel et al.) in the classifier's features says how far the sets lie apart.
+    fid, n = max(metrics.frechet_distance(*stats[2:], *stats[:2]), 0.0), min(r["n"] for r in rows.values())
+    print(f"domain FID, generated vs real, in the classifier's D = {model.feature_dim} features: {fid:.4f}"
+          + (f" (N = {n} < D: biased and noisy, use more images)" if n < model.feature_dim else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps({"expect": c, "threshold": args.threshold, **rows}, indent=2) + "\n")
-
-def run_fid(args):
-    import metrics  # only this command needs metrics.py: train and judge run without it
-    device = pick_device(args.device)
-    model, ckpt = load_classifier(args.ckpt, device)
-    stats, n = [], []
-    for folder in (args.real_dir, args.fake_dir):
-        files = pngs(folder) or sorted(Path(folder).glob("*/*.png"))  # or one level down: DATA/test/<class>/
-        if len(files) < 2:
-            raise UserError(f"{folder} holds {len(files)} .png images (directly or one folder down); a covariance "
-                            f"needs 2 or more — {MAKE_DATA}, or pass the folder --generate/--translate wrote")
-        stats += metrics.feature_statistics(predict(model, load_images(files, ckpt["size"]), device, features=True))
-        n.append(len(files))
-    if min(n) < model.feature_dim:
-        print(f"warning: N = {min(n)} images is below the feature dimension D = {model.feature_dim}: the covariance "
-              "is rank-deficient and the distance biased and noisy; use more images", file=sys.stderr)
-    fid = metrics.frechet_distance(*stats)
-    print(f"domain FID ({ckpt['arch']} classifier penultimate features, D = {model.feature_dim}, {ckpt['size']} px): "
-          f"{max(fid, 0.0):.4f}   N_real = {n[0]}, N_fake = {n[1]}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"fid": fid, "n_real": n[0], "n_fake": n[1], "network": ckpt["arch"],
+        Path(args.json).write_text(json.dumps({"expect": c, "threshold": args.threshold, **rows, "domain_fid": fid,
                                                "feature_dim": model.feature_dim}, indent=2) + "\n")
+
+# ---- The reader study: Lugo-Torres et al. (Sec. "Clinical evaluation"): three radiologists see 100
+# images, 80 synthetic and 20 real, in random order, and say real or synthetic and which class.
+
+
+def spread(groups, n, generator):
+    """n (group, file) pairs dealt in turn from the groups, each shuffled: as even as the groups' sizes allow."""
+    dealt = [(turn, g, key, files[i]) for g, (key, files) in enumerate(groups.items())
+             for turn, i in enumerate(torch.randperm(len(files), generator=generator).tolist())]
+    if len(dealt) < n:
+        raise UserError(f"only {len(dealt)} images to draw {n} from — lower --n or add images")
+    return [(key, file) for _, _, key, file in sorted(dealt)[:n]]    # the first turn of every group, the second...
+
+def study_make(args):
+    """study.html (the images in a seeded random order, embedded; no answer key) and key.json."""
+    real, fake = {("real", c): files for c, files in class_folders(args.real, "real").items()}, {}
+    for spec in args.fake:  # DIR/<class>/*.png (model = DIR's name) or CLASS=DIR
+        name, flat, folder = spec.partition("=")
+        for c, files in ({name: pngs(folder)} if flat else class_folders(spec, "fake")).items():
+            fake[(Path(folder if flat else spec).name, c)] = files
+    g, n_fake = torch.Generator().manual_seed(args.seed), round(args.n * args.fake_share)
+    picked = spread(real, args.n - n_fake, g) + spread(fake, n_fake, g)
+    picked = [picked[i] for i in torch.randperm(len(picked), generator=g).tolist()]  # the order readers see
+    study = hashlib.sha256(json.dumps([str(f) for _, f in picked]).encode()).hexdigest()[:12]
+    classes = sorted({c for _, c in real | fake})
+    items = [{"id": f"{i + 1:03d}", "truth": "real" if m == "real" else "synthetic", "model": m, "class": c,
+              "file": str(f)} for i, ((m, c), f) in enumerate(picked)]
+    page = {"study": study, "classes": classes, "images": [
+        {"id": it["id"], "src": "data:image/png;base64," + base64.b64encode(Path(it["file"]).read_bytes()).decode()}
+        for it in items]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # The page: plain HTML and JavaScript, offline; answers stay in localStorage until saved. Ids and images only.
+    template = Path(__file__).resolve().parent / "assets" / "study.html"
+    if not template.is_file():
+        raise UserError(f"{template} is missing — run classify.py from a full copy of the repository")
+    (out / "study.html").write_text(template.read_text().replace("/*DATA*/null", json.dumps(page)))
+    (out / "key.json").write_text(json.dumps({"study": study, "classes": classes, "items": items}, indent=1))
+    print(f"study {study}: {len(items)} images ({n_fake} synthetic) in {out / 'study.html'}; the answer key is "
+          f"{out / 'key.json'} — keep it from the readers")
+
+def wilson(k, n, z=1.96):
+    """The 95 % Wilson score interval of a binomial share k / n, n > 0 (Wilson E.B., JASA 1927)."""
+    centre, half = (k + z * z / 2) / (n + z * z), z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+    return centre - half, centre + half
+
+def fleiss_kappa(counts):
+    """Fleiss' kappa of counts[subject, category] = raters putting the subject in the category, the
+    same number of raters per subject (Fleiss J.L., Psychological Bulletin 76(5), 1971)."""
+    counts = np.asarray(counts, dtype=float)
+    n = counts[0].sum()
+    p_i = ((counts ** 2).sum(1) - n) / (n * (n - 1))
+    p_e = ((counts.sum(0) / counts.sum()) ** 2).sum()
+    return (p_i.mean() - p_e) / (1 - p_e) if p_e < 1 else math.nan
+
+def study_score(args):
+    """Per reader and pooled: the shares called real, class accuracy (95 % Wilson intervals), kappa."""
+    key = json.loads(Path(args.key).read_text())
+    items, readers = {it["id"]: it for it in key["items"]}, {}
+    for path in args.answers:
+        try:
+            a = json.loads(Path(path).read_text())
+            answers = {x["id"]: x for x in a["answers"] if x.get("real") is not None and x.get("class")}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot read answers {path} ({type(e).__name__}) — pass the file study.html saved")
+        if a.get("study") != key["study"]:
+            raise UserError(f"{path} answers study {a.get('study')}, not {key['study']} of {args.key} — pass "
+                            "the key of the study this reader saw")
+        if set(answers) != set(items):
+            raise UserError(f"{path} answers {len(set(answers) & set(items))} of {len(items)} images — the reader "
+                            "finishes the study in the page, then saves again")
+        readers[f"{a.get('reader') or Path(path).stem} ({Path(path).name})"] = answers
+    rows = [(name, [(items[i], ans) for i, ans in answers.items()]) for name, answers in readers.items()]
+    print(f"study {key['study']}: {len(items)} images, {len(readers)} reader(s); shares with 95 % Wilson intervals")
+    for name, pairs in rows + [("pooled", [p for _, ps in rows for p in ps])] * (len(rows) > 1):
+        print(f"\n{name}")
+        groups = {"synthetic, all": [p for p in pairs if p[0]["truth"] == "synthetic"]}
+        groups |= {f"synthetic, {m} {c}": [p for p in pairs if (p[0]["model"], p[0]["class"]) == (m, c)]
+                   for m, c in sorted({(it["model"], it["class"]) for it in items.values() if it["model"] != "real"})}
+        groups["real"] = [p for p in pairs if p[0]["truth"] == "real"]
+        for group, ps in ((g, ps) for g, ps in groups.items() if ps):
+            called, right = sum(a["real"] for _, a in ps), sum(it["class"] == a["class"] for it, a in ps)
+            (lo, hi), (lo2, hi2) = wilson(called, len(ps)), wilson(right, len(ps))
+            print(f"  {group:<28} N {len(ps):>4}   called real {called / len(ps):.2f} [{lo:.2f}, {hi:.2f}]"
+                  f"   class right {right / len(ps):.2f} [{lo2:.2f}, {hi2:.2f}]")
+    if len(rows) > 1:
+        for what, cats in (("real", [True, False]), ("class", key["classes"])):
+            counts = [[sum(r[i][what] == c for r in readers.values()) for c in cats] for i in sorted(items)]
+            print(f"agreement between readers on {what}: Fleiss' kappa {fleiss_kappa(counts):.3f}")
 
 def parse_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -526,13 +587,11 @@ def parse_args(argv=None):
     device = Parser(add_help=False)
     device.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     sub = p.add_subparsers(dest="command", required=True)          # one parser per command, each with its flags
-    t = sub.add_parser("train", parents=[device], formatter_class=fmt, help="train and score on real images",
-                       description="Class imbalance: a weighted cross-entropy loss, class c weighted by "
-                                   "n / (C * n_c) of each run's training set (no resampling).")
+    t = sub.add_parser("train", parents=[device], formatter_class=fmt, help="train and score on real images", description=
+                       "Class imbalance: a weighted cross-entropy loss, class c weighted by n / (C * n_c) (no resampling).")
     t.set_defaults(run=run_train)
     t.add_argument("--real", "--data", default="data/train", help="real training split: REAL/<class>/*.png")
-    t.add_argument("--fake", action="append", default=[], metavar="DIR or CLASS=DIR",
-                   help="generated images: DIR/<class>/*.png, or CLASS=DIR for a flat folder; repeatable")
+    t.add_argument("--fake", action="append", default=[], metavar="DIR", help="DIR/<class>/*.png or CLASS=DIR; repeatable")
     t.add_argument("--test", help="real test split TEST/<class>/*.png; None: the `test` beside --real")
     t.add_argument("--mode", nargs="+", choices=MODES, default=["real"], help="training sets, a table each")
     t.add_argument("--out", default="runs/classify", help="output folder")
@@ -541,8 +600,7 @@ def parse_args(argv=None):
     t.add_argument("--size", type=in_range(int, 16), default=64, help="images are resized to SIZE x SIZE")
     t.add_argument("--epochs", type=in_range(int, 1), default=15, help="epochs per run (no early stopping)")
     t.add_argument("--min-steps", type=in_range(int, 0), default=150, help="but at least this many updates (small sets)")
-    t.add_argument("--recipe", choices=RECIPES, default="default",
-                   help="default: AdamW, cosine decay; paper: Nesterov SGD lr 0.01 batch 256 (Davoodi & Lo Giudice)")
+    t.add_argument("--recipe", choices=RECIPES, default="default", help="default: AdamW; paper: Nesterov SGD")
     t.add_argument("--lr", type=in_range(float, 1e-12), help="learning rate; None: the recipe's")
     t.add_argument("--batch-size", type=in_range(int, 1), help="batch size; None: the recipe's")
     t.add_argument("--augment", action="store_true", help="small random rotation, shift, zoom, brightness, contrast")
@@ -552,7 +610,6 @@ def parse_args(argv=None):
     t.add_argument("--real-per-class", type=in_range(int, 1), help="keep at most N real training images per class; None: all")
     t.add_argument("--fake-per-class", type=in_range(int, 1), help="keep at most N generated images per class; None: all")
     t.add_argument("--max-steps", type=in_range(int, 0), default=0, help="stop each run after N updates (0: no limit)")
-    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")
     j = sub.add_parser("judge", parents=[device], formatter_class=fmt, help="share accepted with p > threshold")
     j.set_defaults(run=run_judge)
     j.add_argument("--ckpt", required=True, help="model.pt written by `classify.py train`")
@@ -561,12 +618,20 @@ def parse_args(argv=None):
     j.add_argument("--threshold", type=in_range(float, 1e-9, 1), default=JUDGE_THRESHOLD, help="accepted when p(expect) > this")
     j.add_argument("--baseline", help="real split with BASELINE/<expect>/*.png; None: the checkpoint's test split")
     j.add_argument("--json", help="also write the numbers to this file")
-    f = sub.add_parser("fid", parents=[device], formatter_class=fmt, help="Frechet distance in classifier features")
-    f.set_defaults(run=run_fid)
-    f.add_argument("--ckpt", required=True, help="model.pt written by `classify.py train`")
-    f.add_argument("real_dir", metavar="REAL", help="real images: REAL/*.png, else REAL/*/*.png")
-    f.add_argument("fake_dir", metavar="FAKE", help="generated images: FAKE/*.png, else FAKE/*/*.png")
-    f.add_argument("--json", help="also write the numbers to this file")
+    st = sub.add_parser("study", help="a reader study: make the page, score the answers").add_subparsers(
+        dest="step", required=True)
+    m = st.add_parser("make", formatter_class=fmt, help="write study.html and key.json")
+    m.set_defaults(run=study_make)
+    m.add_argument("--real", required=True, help="real images: REAL/<class>/*.png (e.g. data/test)")
+    m.add_argument("--fake", action="append", required=True, metavar="DIR or CLASS=DIR", help="as train's --fake")
+    m.add_argument("--n", type=in_range(int, 1), default=100, help="images in the study")
+    m.add_argument("--fake-share", type=in_range(float, 0, 1.000001), default=0.8, help="share of synthetic images")
+    m.add_argument("--seed", type=in_range(int, 0), default=0, help="seeds the draw and the order")
+    m.add_argument("--out", default="study", help="output folder")
+    sc = st.add_parser("score", formatter_class=fmt, help="score the readers' answer files")
+    sc.set_defaults(run=study_score)
+    sc.add_argument("--key", required=True, help="key.json written by `study make`")
+    sc.add_argument("answers", nargs="+", help="answer files saved by study.html, one per reader")
     return p.parse_args(argv)
 
 def main(argv=None):

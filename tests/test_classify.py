@@ -514,16 +514,16 @@ def test_judge_numbers_match_closed_form(tmp_path, capsys):
     assert r["generated"]["mean_prob"] == pytest.approx(np.mean([p_viral(g) for g in gen_levels]), abs=1e-6)
     assert r["real baseline"]["n"] == 3 and r["real baseline"]["accepted"] == pytest.approx(2 / 3)
     assert r["real baseline"]["mean_prob"] == pytest.approx(np.mean([p_viral(g) for g in base_levels]), abs=1e-6)
-    assert "accepted" in out and "real baseline" in out and "classify.py fid" in out
+    assert "accepted" in out and "real baseline" in out and "domain FID" in out
     # a stricter threshold, the AC-GAN layout (IMAGES/<class>/) and an explicit --baseline
     shutil.copytree(gen, tmp_path / "acgan" / "viral")
-    other = write_pngs(tmp_path / "other" / "viral", [0]).parent
+    other = write_pngs(tmp_path / "other" / "viral", [0, 10]).parent
     code, _, err = run_main(["judge", "--ckpt", ckpt, "--images", tmp_path / "acgan", "--expect", "viral",
                              "--threshold", 0.9999, "--baseline", other, "--json", tmp_path / "j2.json"], capsys)
     assert code == 0, err
     r = json.loads((tmp_path / "j2.json").read_text())
     assert r["generated"]["accepted"] == pytest.approx(np.mean([p_viral(g) > 0.9999 for g in gen_levels])) == 0.4
-    assert r["real baseline"]["n"] == 1 and r["real baseline"]["accepted"] == 0.0
+    assert r["real baseline"]["n"] == 2 and r["real baseline"]["accepted"] == 0.0
 
 
 def test_judge_uses_the_checkpoints_test_folder(trained, synth, tmp_path, capsys):
@@ -536,42 +536,39 @@ def test_judge_uses_the_checkpoints_test_folder(trained, synth, tmp_path, capsys
     assert r["real baseline"]["folder"] == str((synth / "test" / "viral").resolve())
 
 
-# ---- Domain FID in the classifier's penultimate features
+# ---- The judge's domain FID, in the classifier's penultimate features
 
 def test_domain_fid_of_a_folder_with_itself_is_zero(trained, synth, tmp_path, capsys):
     ckpt = trained / "real" / "seed0" / "model.pt"
-    code, out, err = run_main(["fid", "--ckpt", ckpt, synth / "test", synth / "test", "--json", tmp_path / "s.json"],
-                              capsys)
-    assert code == 0, err
+    judge = ["judge", "--ckpt", ckpt, "--baseline", synth / "test", "--expect", "viral", "--json"]
+    code, out, _ = run_main([*judge, tmp_path / "s.json", "--images", synth / "test" / "viral"], capsys)
+    assert code == 0
     same = json.loads((tmp_path / "s.json").read_text())
-    assert (same["n_real"], same["n_fake"], same["feature_dim"]) == (3 * N_TEST, 3 * N_TEST, 128)
-    assert "N_real = 36" in out and "D = 128" in out
-    assert "below the feature dimension" in err  # 36 images < 128 features: warned, still computed
-    code, _, err = run_main(["fid", "--ckpt", ckpt, synth / "test" / "normal", synth / "test" / "viral",
-                             "--json", tmp_path / "d.json"], capsys)
-    assert code == 0, err
+    assert (same["generated"]["n"], same["feature_dim"]) == (N_TEST, 128)
+    assert "D = 128 features" in out and "N = 12 < D" in out  # 12 images < 128 features: said, still computed
+    code, _, _ = run_main([*judge, tmp_path / "d.json", "--images", synth / "test" / "normal"], capsys)
     diff = json.loads((tmp_path / "d.json").read_text())
-    assert diff["fid"] > 1e-3 and abs(same["fid"]) < 1e-6 * diff["fid"]
+    assert code == 0 and diff["domain_fid"] > 1e-3 and abs(same["domain_fid"]) < 1e-6 * diff["domain_fid"]
 
 
 @pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")  # inside pytorch-fid
-def test_domain_fid_matches_pytorch_fid(trained, synth, tmp_path, capsys):
-    """Two full-rank sets (144 images > 128 features): our number against pytorch-fid's Frechet
+def test_domain_fid_matches_pytorch_fid(trained, tmp_path, capsys):
+    """Two full-rank sets (140 images > 128 features): our number against pytorch-fid's Frechet
     distance of the same penultimate features."""
     from pytorch_fid.fid_score import calculate_frechet_distance
-    prep.make_synthetic(tmp_path / "other", n=N_TRAIN, size=SIZE, seed=1)  # new phantom patients
+    for seed in (1, 2):
+        prep.make_synthetic(tmp_path / f"s{seed}", n=140, size=SIZE, seed=seed)  # new phantom patients
     ckpt = trained / "real" / "seed0" / "model.pt"
-    code, _, err = run_main(["fid", "--ckpt", ckpt, synth / "train", tmp_path / "other" / "train",
-                             "--json", tmp_path / "f.json"], capsys)
-    assert code == 0 and "below the feature dimension" not in err, err
+    code, _, err = run_main(["judge", "--ckpt", ckpt, "--images", tmp_path / "s1" / "train" / "viral", "--baseline",
+                             tmp_path / "s2" / "train", "--expect", "viral", "--json", tmp_path / "f.json"], capsys)
+    assert code == 0, err
     model, _ = classify.load_classifier(ckpt, CPU)
     stats = []
-    for folder in (synth / "train", tmp_path / "other" / "train"):
-        x = classify.load_images(sorted(folder.glob("*/*.png")), SIZE)
-        feats = classify.predict(model, x, CPU, features=True)
+    for folder in (tmp_path / "s1" / "train" / "viral", tmp_path / "s2" / "train" / "viral"):
+        feats = classify.predict(model, classify.load_images(sorted(folder.glob("*.png")), SIZE), CPU, features=True)
         stats += [feats.mean(0), np.cov(feats, rowvar=False)]
-    assert json.loads((tmp_path / "f.json").read_text())["fid"] == pytest.approx(calculate_frechet_distance(*stats),
-                                                                                  rel=1e-6)
+    assert json.loads((tmp_path / "f.json").read_text())["domain_fid"] == pytest.approx(
+        calculate_frechet_distance(*stats), rel=1e-6)
 
 
 # ---- One-line errors, exit code 2
@@ -638,7 +635,6 @@ def test_error_checkpoints(tmp_path, capsys):
     torch.save({"G": {"w": torch.zeros(1)}, "D": {"w": torch.zeros(1)}, "step": 3}, gan)
     assert_user_error(["judge", "--ckpt", gan, "--images", images, "--expect", "viral"], capsys,
                       "not a classify.py checkpoint")
-    assert_user_error(["fid", "--ckpt", gan, images, images], capsys, "not a classify.py checkpoint")
     assert_user_error(["judge", "--ckpt", tmp_path / "none.pt", "--images", images, "--expect", "viral"], capsys,
                       "cannot read checkpoint", "FileNotFoundError")
 
@@ -649,11 +645,11 @@ def test_error_judge_and_fid_inputs(tmp_path, capsys):
     assert_user_error(["judge", "--ckpt", ckpt, "--images", images, "--expect", "covid"], capsys,
                       "not a class of this classifier")
     assert_user_error(["judge", "--ckpt", ckpt, "--images", tmp_path / "nope", "--expect", "viral"], capsys,
-                      "does not exist")
+                      "holds 0 .png images")
     # the checkpoint's test folder is gone: say how to pass another
     assert_user_error(["judge", "--ckpt", ckpt, "--images", images, "--expect", "viral"], capsys, "--baseline")
-    assert_user_error(["fid", "--ckpt", ckpt, images, write_pngs(tmp_path / "one", [3])], capsys,
-                      "holds 1 .png images", "needs 2 or more")
+    assert_user_error(["judge", "--ckpt", ckpt, "--images", write_pngs(tmp_path / "one", [3]), "--expect", "viral",
+                       "--baseline", tmp_path], capsys, "holds 1 .png images", "fewer than 2")
 
 
 def test_error_non_finite_loss_keeps_no_model(synth, tmp_path, capsys):
@@ -690,9 +686,10 @@ def test_real_xrays_normal_against_pneumonia(tmp_path, capsys):
     assert results(out)["modes"]["real"][0]["accuracy"] >= 0.75  # chance: 0.5; 0.92 here (30 test images per class)
     ckpt = out / "real" / "seed0" / "model.pt"
     test = tmp_path / "data" / "test"
-    for name, a, b in (("same", test / "normal", test / "normal"), ("diff", test / "normal", test / "pneumonia")):
-        assert run_main(["fid", "--ckpt", ckpt, a, b, "--json", tmp_path / f"{name}.json"], capsys)[0] == 0
-    fid = {name: json.loads((tmp_path / f"{name}.json").read_text())["fid"] for name in ("same", "diff")}
+    for name, images in (("same", test / "normal"), ("diff", test / "pneumonia")):
+        assert run_main(["judge", "--ckpt", ckpt, "--images", images, "--expect", "normal", "--json",
+                         tmp_path / f"{name}.json"], capsys)[0] == 0
+    fid = {name: json.loads((tmp_path / f"{name}.json").read_text())["domain_fid"] for name in ("same", "diff")}
     assert fid["diff"] > 1e-3 > abs(fid["same"])
 
 

@@ -1,0 +1,53 @@
+"""Remake the pictures the README shows (small PNGs, under 150 KB each).
+
+    python assets/make.py study      # assets/study_page.png: the reader-study page, mid-study, in headless Chromium
+
+The study page is made from phantoms (prep.py synthetic), so it needs no data; it needs Debian's
+chromium and chromium-driver and the selenium package (tests/requirements.txt).
+"""
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+ASSETS = Path(__file__).resolve().parent
+REPO = ASSETS.parent
+
+
+def study():
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run = lambda *a: subprocess.run([sys.executable, *map(str, a)], cwd=REPO, check=True, capture_output=True)  # noqa: E731
+        run("prep.py", "synthetic", "--out", tmp / "data", "--n", 40, "--size", 128)
+        run("classify.py", "study", "make", "--real", tmp / "data/test", "--fake", tmp / "data/train",
+            "--n", 100, "--seed", 1, "--out", tmp / "study")
+        options = webdriver.ChromeOptions()
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--window-size=900,760", f"--user-data-dir={tmp / 'profile'}"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
+        try:
+            driver.get((tmp / "study" / "study.html").as_uri())
+            driver.find_element(By.ID, "reader").send_keys("AB")
+            driver.find_element(By.ID, "go").click()
+            body = driver.find_element(By.TAG_NAME, "body")
+            for key in "s1r2s3r1s2":  # five images answered
+                body.send_keys(key)
+            body.send_keys("s")      # the sixth half answered: "Synthetic" lit, no class yet
+            driver.save_screenshot(str(tmp / "page.png"))
+        finally:
+            driver.quit()
+        Image.open(tmp / "page.png").convert("RGB").quantize(64).save(ASSETS / "study_page.png", optimize=True)
+    print(f"wrote {ASSETS / 'study_page.png'} ({(ASSETS / 'study_page.png').stat().st_size // 1024} KB)")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["study"])
+    {"study": study}[p.parse_args().what]()
