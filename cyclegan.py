@@ -59,7 +59,7 @@ LEAK = 0.2               # LeakyReLU slope (App. 7.2)
 NGF = NDF = 64           # width of G's first and D's first layer (App. 7.2)
 UNET_DROPOUT, UNET_DROPOUT_BLOCKS = 0.5, 3  # pix2pix's decoder: dropout 0.5 in the first 3 up blocks
 SIZES = (32, 64, 128, 256, 512)  # powers of two: the U-Net halves the image down to 1 x 1
-CLASSES = ("normal", "bacterial", "viral", "covid")
+CLASSES = ("normal", "bacterial", "viral", "covid", "pneumonia")  # pneumonia: bacterial + viral, the papers' GP
 GRID = 4                 # fixed images per class in the sample grids
 EVAL_BATCH = 16          # images per forward pass when translating
 STATS = ("G_total", "G_adv_src2dst", "G_adv_dst2src", "cycle_src", "cycle_dst", "idt_src2dst", "idt_dst2src",
@@ -321,19 +321,20 @@ def plot_losses(log_csv, png, columns, w=640, h=360):
 # -- Data, sampling, checkpoints -----------------------------------------------------------------
 
 def load_class(data, cls, size, channels, batch_size):
-    """DATA/<cls>/*.png decoded once -> uint8 (N, channels, size, size)."""
-    folder, images = Path(data) / cls, []
-    if not folder.is_dir():
-        raise UserError(f"{'class folder ' + str(folder) if Path(data).is_dir() else 'data folder ' + str(data)} "
-                        f"not found — {MAKE_DATA}, then pass --data DATA/train")
-    for path in sorted(folder.glob("*.png")):
+    """DATA/<cls>/*.png decoded once -> uint8 (N, channels, size, size); "pneumonia" reads bacterial and viral."""
+    images, folders = [], [Path(data) / c for c in (("bacterial", "viral") if cls == "pneumonia" else (cls,))]
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"{'class folder ' + str(folder) if Path(data).is_dir() else 'data folder ' + str(data)} "
+                            f"not found — {MAKE_DATA}, then pass --data DATA/train")
+    for path in sorted(p for folder in folders for p in folder.glob("*.png")):
         try:
             with Image.open(path) as im:  # gray, resized with an antialiasing filter when needed
                 images.append(pil_to_tensor(im.convert("L").resize((size, size), Image.Resampling.LANCZOS)))
         except (OSError, SyntaxError) as e:  # Pillow reports some broken PNGs as SyntaxError
             raise UserError(f"cannot read image {path} ({e}) — delete it or {MAKE_DATA}")
     if len(images) < batch_size:
-        raise UserError(f"{folder} has {len(images)} PNG images, fewer than --batch-size {batch_size} — "
+        raise UserError(f"{Path(data) / cls} has {len(images)} PNG images, fewer than --batch-size {batch_size} — "
                         f"lower --batch-size, or {MAKE_DATA}")
     return torch.stack(images).repeat(1, channels, 1, 1)
 
@@ -410,11 +411,12 @@ def make_parts(args, device, layout, fp16):
 
 def make_evaluator(args, device):
     """metrics.py's Evaluator on the real dst training images, whole at --size, and the src images
-    whose translations it scores: the test split's (never trained on) if there is one, else the
-    training ones. Built before training: missing weights fail now, not after 25 epochs."""
+    whose translations it scores: the test split's (never trained on) if there is one and --eval-src
+    test, else the whole source training split (as the papers: 1,341 translated normal X-rays, Sec. III).
+    Built before training: missing weights fail now, not after 25 epochs."""
     import metrics  # only --eval-every needs metrics.py: cyclegan.py alone trains without it
     test = Path(args.test_data or Path(args.data).parent / "test")
-    test = test if args.test_data or (test / args.src).is_dir() else args.data
+    test = test if args.eval_src == "test" and (args.test_data or (test / args.src).is_dir()) else args.data
     inputs, real = (load_class(folder, cls, args.size, args.channels, 1)
                     for folder, cls in ((test, args.src), (args.data, args.dst)))
     if min(len(inputs), len(real)) < 2:
@@ -585,6 +587,7 @@ def main(argv=None):
     p.add_argument("--sample-every", type=in_range(int, 0), default=1000, help="steps per sample grid (0: off)")
     p.add_argument("--save-every", type=in_range(int, 1), default=1000, help="steps per step_NNNNNN.pt")
     p.add_argument("--eval-every", type=in_range(int, 0), default=0, help="steps per FID/IS/KID (0: off)")
+    p.add_argument("--eval-src", choices=("test", "train"), default="test", help="translate these src images to score")
     p.add_argument("--fid-weights", help="local FID Inception weights (default: download)")
     p.add_argument("--resume", nargs="?", const="", help="continue from PATH (no value: <out>/checkpoints/last.pt)")
     p.add_argument("--max-steps", type=in_range(int, 1), help="stop after this step, with a checkpoint")

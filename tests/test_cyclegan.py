@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -551,7 +552,7 @@ TRAIN = ["--data", "{synth}/train", "--src", "normal", "--dst", "viral"]
 @pytest.mark.parametrize("case, argv, expected", [
     ("missing data", ["--data", "{tmp}/nowhere", "--src", "normal", "--dst", "viral"], "prep.py synthetic"),
     ("missing class", ["--data", "{synth}/train", "--src", "normal", "--dst", "covid"], "prep.py kermany"),
-    ("unknown class", ["--data", "{synth}/train", "--src", "pneumonia", "--dst", "viral"], "invalid choice"),
+    ("unknown class", ["--data", "{synth}/train", "--src", "tuberculosis", "--dst", "viral"], "invalid choice"),
     ("no dst", ["--data", "{synth}/train", "--src", "normal"], "--dst"),
     ("same class", ["--data", "{synth}/train", "--src", "normal", "--dst", "normal"], "both normal"),
     ("empty class", ["--data", "{bad}", "--src", "bacterial", "--dst", "viral"], "viral has 0 PNG images"),
@@ -667,3 +668,25 @@ def test_diffaug_augments_every_image_a_discriminator_sees(synth, tmp_path):
         out = tmp_path / f"run{len(flags)}"
         assert run_main(train_argv(synth, out, "--max-steps", "1", "--sample-every", "0", *flags)) == 0
         assert json.loads((out / "config.json").read_text())["args"]["diffaug"] == bool(flags)
+
+
+def test_pneumonia_is_bacterial_and_viral_together_and_eval_can_translate_the_training_split(synth, monkeypatch,
+                                                                                              tmp_path, capsys):
+    """--dst pneumonia (the papers' general pneumonia, GP) reads both classes; --eval-src train scores
+    translations of the whole source training split (the papers' 1,341 images), test: the test split."""
+    both = cyclegan.load_class(synth / "train", "pneumonia", SIZE, 1, 1)
+    assert len(both) == 2 * N_TRAIN
+    assert torch.equal(both, torch.cat([cyclegan.load_class(synth / "train", c, SIZE, 1, 1) for c in ("bacterial", "viral")]))
+
+    class Stub:  # records the real reference set; the src images come back from make_evaluator
+        def __init__(self, real, weights=None, device="cpu"):
+            self.n_real = len(real)
+
+    import metrics
+    monkeypatch.setattr(metrics, "Evaluator", Stub)
+    for where, n_src in (("train", N_TRAIN), ("test", 2)):
+        args = Namespace(test_data=None, data=str(synth / "train"), src="normal", dst="pneumonia", size=SIZE,
+                         channels=1, fid_weights=None, eval_src=where)
+        evaluator, inputs = cyclegan.make_evaluator(args, torch.device("cpu"))
+        assert (len(inputs), evaluator.n_real) == (n_src, 2 * N_TRAIN)
+        assert f"G_src2dst of {n_src} normal images in" in capsys.readouterr().out
