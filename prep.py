@@ -19,7 +19,8 @@ centre; pad: black bands) and shrunk with Lanczos, which antialiases. From the r
   "chest-xray-pneumonia": chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}, bacteria or virus in the
   file name (person12_bacteria_46.jpeg); val joins train. The zip's second copy and junk are ignored.
 - Cohen J.P., Morrison P., Dao L., "COVID-19 image data collection", arXiv:2003.11597, 2020:
-  metadata.csv + images/; the X-ray PA/AP rows whose finding is COVID-19.
+  metadata.csv + images/; the X-ray PA/AP rows of four classes from `finding`: COVID-19 -> covid, No
+  Finding -> normal, Pneumonia/Bacterial/... -> bacterial, other Pneumonia/Viral/... -> viral.
 - Phantoms drawn here (normal, bacterial, viral), so that every script runs on a fresh machine.
 
 No patient is in two splits; --val-frac and --test-frac draw whole patients. Kermany numbers
@@ -315,9 +316,13 @@ def kermany_rows(path):
     return rows
 
 def covid_class(finding):
-    """The class of a metadata.csv `finding` ("Pneumonia/Viral/COVID-19"), or None to leave the row
-    out: only COVID-19 for now (the collection also holds No Finding and other pneumonias)."""
-    return "covid" if "COVID-19" in finding else None
+    """The class of a metadata.csv `finding` ("Pneumonia/Viral/COVID-19"), or None to leave the row out:
+    the four classes of Davoodi & Lo Giudice (Sec. 1: covid, normal, bacterial and viral pneumonia). Other
+    findings (fungal, lipoid, tuberculosis, unknown) are left out."""
+    f = finding.lower()
+    if "covid-19" in f or f.startswith("no finding"):
+        return "covid" if "covid-19" in f else "normal"
+    return next((c for c in ("bacterial", "viral") if f.startswith(f"pneumonia/{c}")), None)
 
 def covid_rows(root):
     """The collection's X-ray PA/AP images whose finding has a class, as manifest rows (+ '_rel')."""

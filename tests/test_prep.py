@@ -414,8 +414,9 @@ def test_covid_collection(tmp_path, capsys):
             view = "L"  # lateral: dropped
         if i == 3:
             modality = "CT"  # dropped
-        if i == 4:
-            finding = "Pneumonia/Bacterial/Streptococcus"  # not COVID-19: dropped
+        if i in (4, 5, 6, 7):  # Davoodi & Lo Giudice's four classes come from `finding`; the rest is dropped
+            finding = {4: "Pneumonia/Bacterial/Streptococcus", 5: "No Finding", 6: "Pneumonia/Viral/SARS",
+                       7: "Pneumonia/Fungal/Pneumocystis"}[i]
         name = f"img{i}.jpg"
         (root / "images" / name).write_bytes(jpeg_bytes(i, mode="RGB"))
         rows.append({"patientid": str(i // 2), "finding": finding, "view": view, "modality": modality,
@@ -432,7 +433,7 @@ def test_covid_collection(tmp_path, capsys):
     assert "img0.jpg" not in text  # listed twice: converted once
     assert "skipped unreadable images/missing.jpg: FileNotFoundError" in text  # listed, but not in images/
     got = read_rows(out)
-    assert len(got) == 17 and all(r["class"] == "covid" for r in got)
+    assert collections.Counter(r["class"] for r in got) == {"covid": 14, "bacterial": 1, "normal": 1, "viral": 1}
     assert {r["split"] for r in got} == {"train", "test"}
     assert not prep.patient_leaks(got)
     # A second source in the same folder keeps the first one's manifest rows; at another size
@@ -443,6 +444,13 @@ def test_covid_collection(tmp_path, capsys):
     assert run(["synthetic", "--out", out, "--n", 2, "--size", 16, "--workers", 1]) == 0
     sources = collections.Counter(r["source"].split(":")[0] for r in read_rows(out))
     assert sources == {"covid": 17, "synthetic": 9}
+
+
+def test_covid_findings_map_to_the_four_classes():
+    cases = {"Pneumonia/Viral/COVID-19": "covid", "COVID-19": "covid", "No Finding": "normal",
+             "Pneumonia/Bacterial/Klebsiella": "bacterial", "Pneumonia/Viral/Influenza": "viral",
+             "Pneumonia/Fungal/Aspergillosis": None, "Tuberculosis": None, "Pneumonia": None, "todo": None}
+    assert {f: prep.covid_class(f) for f in cases} == cases
 
 
 def test_synthetic_is_deterministic_and_laid_out(tmp_path, monkeypatch):
