@@ -5,8 +5,9 @@ exact 64x64x1 layer tables (Table 1: G, 3,574,656 parameters; Table 2: D, 2,763,
 batch 32, Adam 2e-4 with betas (0.5, 0.999), LeakyReLU 0.2, weights N(0, 0.02) (Sec. 3.1-3.3),
 logging Loss_D, Loss_G, D(x), D(G(z)) (Sec. 3.4.1). Where it is silent: Radford, Metz & Chintala,
 "Unsupervised Representation Learning with Deep Convolutional GANs", ICLR 2016, arXiv:1511.06434.
+Noori, "Generating Medical Chest X-Ray Images using GAN", IJISAE 2024, Table 1: --noise normal --beta1 0.55
+--batch-size 50 (its lr: 0.002 in the table, 0.0002 in the text; its D and G are 64 x 64 too).
 
-  python prep.py synthetic --out data/synth                                # phantoms, no download
   python dcgan.py --data data/synth/train --cls normal --size 32 --epochs 5       # a CPU demo
   python dcgan.py --data data/train --cls viral          # the paper: 64 px, batch 32, 200 epochs
   python dcgan.py --generate 500 --ckpt runs/dcgan_viral_64/checkpoints/last.pt --out fakes/viral
@@ -311,8 +312,8 @@ def train(args, argv):
     torch.manual_seed(args.seed)  # the global RNG: initial weights, then z and dropout masks
     G, D = (net.apply(init_weights).to(device, memory_format=layout) for net in (
         Generator(args.size, args.channels), Discriminator(args.size, args.channels, dropout=args.dropout)))
-    parts = {"G": G, "D": D, "opt_g": torch.optim.Adam(G.parameters(), args.lr, BETAS, fused=cuda),
-             "opt_d": torch.optim.Adam(D.parameters(), args.lr, BETAS, fused=cuda),
+    parts = {"G": G, "D": D, "opt_g": torch.optim.Adam(G.parameters(), args.lr, (args.beta1, BETAS[1]), fused=cuda),
+             "opt_d": torch.optim.Adam(D.parameters(), args.lr, (args.beta1, BETAS[1]), fused=cuda),
              "scaler": torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)}
     step_args = (torch.compile(G) if args.compile else G, torch.compile(D) if args.compile else D,
                  parts["opt_g"], parts["opt_d"], parts["scaler"], autocast)
@@ -410,6 +411,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=in_range(int, 1), default=EPOCHS, help="epochs in all, across resumes")
     p.add_argument("--batch-size", type=in_range(int, 1), default=BATCH_SIZE, help="images per step")
     p.add_argument("--lr", type=in_range(float, 1e-12), default=LR, help="Adam learning rate of G and D")
+    p.add_argument("--beta1", type=in_range(float, 0, 1), default=BETAS[0], help="Adam's beta1 (Noori: 0.55)")
     p.add_argument("--dropout", type=in_range(float, 0, 1), default=DROPOUT, help="D's dropout rate")
     p.add_argument("--diffaug", action=argparse.BooleanOptionalAction, default=False, help="DiffAugment before D")
     p.add_argument("--noise", choices=("uniform", "normal"), default="uniform", help="z ~ U(-1, 1) or N(0, 1)")
