@@ -9,7 +9,7 @@ we follow DCGAN (Radford, Metz & Chintala, ICLR 2016, arXiv:1511.06434).
 
   python prep.py synthetic --out data/synth --n 200 --size 64                 # phantoms, no download
   python acgan.py --data data/synth/train --size 64 --g-channels 128 --d-channels 16 --max-steps 1200
-  python prep.py kermany PATH/TO/chest-xray-pneumonia.zip --out data --size 112 --crop   # Sec. 3.2
+  python prep.py kermany PATH/TO/chest-xray-pneumonia.zip --out data --size 112 --crop --zscore  # Sec. 3.2
   python acgan.py --data data/train            # the paper: 112 px, RMSprop 1e-4, batch 32 (a GPU job)
   python acgan.py --data data/train --resume                                 # continue after Ctrl-C
   python acgan.py --data data/train --eval-every 2000 --fid-weights pt_inception-2015-12-05-6726825d.pth

@@ -97,12 +97,17 @@ def crop_to_body(img, min_area=0.1):
     sx, sy = img.width / small.width, img.height / small.height  # the box at full size, rounded outwards
     return img.crop((int(cols.start * sx), int(rows.start * sy), math.ceil(cols.stop * sx), math.ceil(rows.stop * sy)))
 
-def preprocess(img, size, crop=False, fit="crop"):
-    """Any PIL image -> 8-bit gray SIZE x SIZE PIL image (--crop, --fit; Lanczos antialiases)."""
+def preprocess(img, size, crop=False, fit="crop", zscore=False):
+    """Any PIL image -> 8-bit gray SIZE x SIZE PIL image (--crop, --fit, --zscore; Lanczos antialiases)."""
     gray = crop_to_body(to_gray8(img)) if crop else to_gray8(img)
     if fit == "crop":
-        return ImageOps.fit(gray, (size, size), Image.Resampling.LANCZOS)
-    return ImageOps.pad(gray, (size, size), Image.Resampling.LANCZOS, color=0)
+        out = ImageOps.fit(gray, (size, size), Image.Resampling.LANCZOS)
+    else:
+        out = ImageOps.pad(gray, (size, size), Image.Resampling.LANCZOS, color=0)
+    if zscore:  # each image to mean 0, std 1 (Dhawan & Nijhawan Sec. 3.2), kept in 8 bits as 128 + 32 z
+        a = np.asarray(out, np.float64)
+        out = Image.fromarray(np.clip(128 + 32 * (a - a.mean()) / (a.std() or 1), 0, 255).round().astype(np.uint8))
+    return out
 
 # ---- Phantom chest X-rays ----
 def _smooth_noise(rng, size, sigma):
@@ -280,10 +285,10 @@ def list_files(root):
     return sorted(n for n in names if Path(n).suffix.lower() in IMAGE_EXTS
                   and not any(part.startswith(".") or part == "__MACOSX" for part in n.split("/")))
 
-def load(root, rel, size, crop, fit):
+def load(root, rel, size, crop, fit, zscore):
     """One image of a source folder or zip, preprocessed; an unreadable file raises here."""
     img = Image.open(io.BytesIO(open_zip(root).read(rel)) if os.path.isfile(root) else os.path.join(root, rel))
-    return preprocess(img, size, crop, fit)
+    return preprocess(img, size, crop, fit, zscore)
 
 def kermany_rows(path):
     """The Kermany images as manifest rows (+ '_rel': the file in the folder or zip)."""
@@ -409,8 +414,8 @@ def prep_real(args):
         stem = f"{r['split']}/{r['class']}/{Path(r['_rel']).stem}"
         names[stem] += 1
         r["path"] = f"{stem}.png" if names[stem] == 1 else f"{stem}_{names[stem]}.png"
-        r["_job"] = (str(args.path), r["_rel"], args.size, args.crop, args.fit)
-    settings = {"size": args.size, "crop": args.crop, "fit": args.fit, **split, "seed": args.seed}
+        r["_job"] = (str(args.path), r["_rel"], args.size, args.crop, args.fit, args.zscore)
+    settings = {"size": args.size, "crop": args.crop, "fit": args.fit, "zscore": args.zscore, **split, "seed": args.seed}
     good, failed = write_images(args.out, args.command, settings, rows, load, args.workers)
     print(table(good, f"{args.command}: {len(good):,} images written to {args.out}"))
     for r, error in failed:
@@ -497,6 +502,7 @@ def main(argv=None):
     for q in (k, c):
         q.add_argument("--crop", action="store_true", help="crop to the torso (largest bright region) first")
         q.add_argument("--fit", choices=("crop", "pad"), default="crop", help="square by crop or black bands")
+        q.add_argument("--zscore", action="store_true", help="each image to mean 128, std 32 (a z-score in 8 bits)")
     sub.add_parser("check", help="counts, sizes, broken files, duplicates, patient leaks", **kw).add_argument(
         "data", help="a folder prep.py wrote")
     args = p.parse_args(argv)

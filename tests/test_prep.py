@@ -400,6 +400,9 @@ def test_odd_modes_and_the_fit_and_crop_flags_on_the_command_line(tmp_path):
     body = prepared("--crop")  # cropped to the torso first: bright almost everywhere
     assert body[3:-3, 3:-3].mean() > 200
     assert (tmp_path / "--crop").is_dir()
+    z = prepared("--zscore").astype(np.float64)  # Dhawan & Nijhawan's z-score, stored as 128 + 32 z
+    expected = (center - center.mean()) / center.std() * 32 + 128
+    assert abs(z.mean() - 128) < 1 and abs(z.std() - 32) < 1 and np.abs(z - expected).max() <= 1
 
 
 def test_covid_collection(tmp_path, capsys):
