@@ -51,7 +51,7 @@ LEAK, DROPOUT = 0.2, 0.5  # D's LeakyReLU slope and dropout rate: Sec. 3.3 names
 INIT_STD = 0.02          # weights ~ N(0, 0.02) (Radford et al. Sec. 4)
 BATCH_SIZE, LR = 32, 1e-4  # Sec. 3.4, with RMSprop
 RMSPROP_ALPHA, RMSPROP_EPS = 0.9, 1e-7  # the paper used TensorFlow: Keras' RMSprop rho and epsilon
-EPOCHS = 200             # Sec. 3.4's "32000 epochs" at batch 32 reads as ~32,000 steps: ~200 passes
+EPOCHS = 200             # Sec. 3.4: "32000 epochs" at batch 32; we read ~32,000 steps: ~200 passes
 SIZES = (64, 112, 128)   # size/16 must be whole: G starts from a 4, 7 or 8 px map
 CLASSES = ("normal", "bacterial", "viral", "covid")
 DEFAULT_CLASSES = "normal,bacterial,viral"  # the paper's three
@@ -95,10 +95,10 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """image (B, channels, size, size) -> (source logit (B,), class logits (B, K)) (Sec. 3.3).
 
-    Four blocks Conv2d(4, 2, 1) -> BatchNorm -> LeakyReLU -> Dropout halve the side: at 112 px and
-    d_channels 32 (B, 32, 56, 56) ... (B, 256, 7, 7), 12,544 features for two linear heads. The paper
-    ends them in a sigmoid and a softmax; we return logits for BCE-with-logits (autocast-safe, unlike
-    sigmoid + BCELoss) and cross-entropy (a softmax before it would apply the softmax twice).
+    Four blocks (ours; the paper: "multiple") Conv2d(4, 2, 1) -> BatchNorm -> LeakyReLU -> Dropout halve
+    the side: at 112 px, d_channels 32 (B, 32, 56, 56) ... (B, 256, 7, 7), 12,544 features for two linear
+    heads. The paper ends them in a sigmoid and a softmax; we return logits for BCE-with-logits (autocast-
+    safe, unlike sigmoid + BCELoss) and cross-entropy (a softmax before it would apply the softmax twice).
     """
     def __init__(self, n_classes, channels=1, size=112, d_channels=D_CHANNELS, dropout=DROPOUT):
         super().__init__()
@@ -115,7 +115,7 @@ class Discriminator(nn.Module):
         return self.source_head(h).flatten(), self.class_head(h)
 
 def init_weights(module):
-    """Conv and dense weights ~ N(0, 0.02), biases 0; BatchNorm scale ~ N(1, 0.02) (Radford et al.)."""
+    """Conv and dense weights ~ N(0, 0.02) (Radford et al. Sec. 4); biases 0, BatchNorm's N(1, 0.02): pytorch/examples."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, INIT_STD)
     elif isinstance(module, nn.BatchNorm2d):
@@ -139,7 +139,7 @@ def diff_augment(x):
     return x * (((rows - y).abs() >= h // 4) | ((cols - c).abs() >= w // 4))
 
 def train_step(G, D, opt_g, opt_d, scaler, autocast, real, y_real, z, y_fake, augment=nn.Identity()):
-    """One AC-GAN iteration: a D step, then a G step on the same fakes (Odena et al. Sec. 3). With L_S,
+    """One AC-GAN iteration: a D step, then a G step on the same fakes (as pytorch/examples). Odena et al. Sec. 3: with L_S,
     L_C the log-likelihoods of the right source and class, D maximises L_S + L_C, G maximises L_C - L_S
     (as BCE-with-logits and cross-entropy). G's -L_S is non-saturating: log(1 - D(G(z))) gives G no
     gradient while D rejects every fake (Goodfellow et al., arXiv:1406.2661, Sec. 3). real: (B, C, S, S)

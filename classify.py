@@ -4,7 +4,7 @@
   (recall), specificity and F1 on real test images, per class and macro, mean ± std over seeds/folds.
   Davoodi B., Lo Giudice M., "Synthetic of Chest X-ray Images", Sec. 3.3.2, Tables 4a/4b (4 folds);
   Dhawan K., Nijhawan S.S., "Cross-Modality Synthetic Data Augmentation using GANs", Table I, with an
-  EfficientNetV2 and early stopping on a validation split (Sec. 4): --arch efficientnet_v2_s --val-frac 0.1.
+  EfficientNetV2, early stopping, a validation split (Sec. 3.4, 4); ours: --arch efficientnet_v2_s --val-frac 0.1.
   Table I does not say how it averages over classes; its F1 0.93 above both P 0.84 and R 0.77 fits neither
   macro nor weighted means (each class's F1 is at most the mean of its P and R). Ours are macro means.
 - judge: the share of generated images a classifier accepts as their class with p > 0.98, beside real ones, as
@@ -59,7 +59,7 @@ SCRATCH, IMAGENET_GRAY = (0.5, 0.5), (0.449, 0.226)  # input mean, std: [0, 1] -
 EFFICIENTNET_DROPOUT = 0.2        # torchvision's own efficientnet_v2_s head
 AUGMENT = v2.Compose([v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(1.0, 1.15)),  # --augment (ours):
                       v2.ColorJitter(brightness=0.1, contrast=0.1)])  # no flips: the heart is on the patient's left
-JUDGE_THRESHOLD, EVAL_BATCH = 0.98, 256  # Lugo-Torres et al., "Evaluation of ViT"; images per scoring pass
+JUDGE_THRESHOLD, EVAL_BATCH = 0.98, 256  # Lugo-Torres et al. (extended): ViT p "above 0.98"; images per pass
 METRICS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Sensitivity", "specificity": "Specificity",
            "f1": "F1"}  # result key -> table heading
 
@@ -139,7 +139,7 @@ def table(title, rows, first="class"):
         f"{name:<12}" + "".join(f"{cell([r[k] for r in runs]):>15}" for k in METRICS) for name, runs in rows])
 
 def mode_table(title, runs, classes):
-    """Davoodi & Lo Giudice's Table 4: a row per class, macro means, overall accuracy, summed confusion matrix."""
+    """Davoodi & Lo Giudice's Table 4 (a row per class, overall accuracy), plus macro means and the summed confusion matrix."""
     cm = np.sum([r["confusion"] for r in runs], axis=0)
     rows = [(c, [r["per_class"][c] for r in runs]) for c in classes] + [("macro", [r["macro"] for r in runs])]
     return "\n".join([table(title, rows), f"overall accuracy {cell([r['accuracy'] for r in runs])}",
@@ -491,8 +491,8 @@ def run_judge(args):
         Path(args.json).write_text(json.dumps({"expect": c, "threshold": args.threshold, **rows, "domain_fid": fid,
                                                "feature_dim": model.feature_dim}, indent=2) + "\n")
 
-# ---- The reader study: Lugo-Torres et al. (Sec. "Clinical evaluation"): three radiologists see 100
-# images, 80 synthetic and 20 real, in random order, and say real or synthetic and which class.
+# ---- The reader study of Lugo-Torres et al. (results: Table II): three questionnaires of 100 images each,
+# 80 generated and 20 real, to three respiratory care experts: real or fake, and which class (GP, BP, VP, none).
 
 
 def spread(groups, n, generator):

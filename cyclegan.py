@@ -3,8 +3,8 @@
 Zhu, Park, Isola & Efros, "Unpaired Image-to-Image Translation using Cycle-Consistent Adversarial
 Networks", ICCV 2017, arXiv:1703.10593 (where it is silent: its reference code, junyanz/pytorch-
 CycleGAN-and-pix2pix). Applied by Lugo-Torres, Peralta-Rodríguez, Valdez-Rodríguez & Calvo,
-"Synthetic Generation of Pneumonia Images using CycleGAN Model" (and its extended version, with a
-U-Net generator): normal into pneumonia X-rays, 256 px, 100 epochs, no identity term (--lambda-idt 0).
+"Synthetic Generation of Pneumonia Images using CycleGAN Model": normal into pneumonia X-rays, 100 epochs,
+an objective with no identity term (--lambda-idt 0); its extended version adds 256 px, a U-Net generator.
 
     G_src2dst  src -> dst (the paper's G: X -> Y)    D_dst  real dst vs G_src2dst(src) (the paper's D_Y)
     G_dst2src  dst -> src (the paper's F: Y -> X)    D_src  real src vs G_dst2src(dst) (the paper's D_X)
@@ -53,13 +53,13 @@ POOL_SIZE = 50           # D sees a history of the last 50 fakes (Sec. 4, after 
 LR, BETAS = 2e-4, (0.5, 0.999)  # Adam (Sec. 4; beta1 0.5 from the reference code)
 BATCH_SIZE = 1           # Sec. 4; instance norm makes single images fine
 EPOCHS = 100             # Lugo-Torres et al. (Zhu et al.: 200, the rate decaying over the second half)
-JITTER = 286 / 256       # images resized 256 -> 286, then randomly cropped back to 256 (App. 7.1)
+JITTER = 286 / 256       # resized 256 -> 286, randomly cropped back to 256 (pix2pix; reference code)
 INIT_STD = 0.02          # weights ~ N(0, 0.02) (App. 7.1)
 LEAK = 0.2               # LeakyReLU slope (App. 7.2)
 NGF = NDF = 64           # width of G's first and D's first layer (App. 7.2)
 UNET_DROPOUT, UNET_DROPOUT_BLOCKS = 0.5, 3  # pix2pix's decoder: dropout 0.5 in the first 3 up blocks
 SIZES = (32, 64, 128, 256, 512)  # powers of two: the U-Net halves the image down to 1 x 1
-CLASSES = ("normal", "bacterial", "viral", "covid", "pneumonia")  # pneumonia: bacterial + viral, the papers' GP
+CLASSES = ("normal", "bacterial", "viral", "covid", "pneumonia")  # pneumonia: bacterial + viral (ours), for GP
 GRID = 4                 # fixed images per class in the sample grids
 EVAL_BATCH = 16          # images per forward pass when translating
 STATS = ("G_total", "G_adv_src2dst", "G_adv_dst2src", "cycle_src", "cycle_dst", "idt_src2dst", "idt_dst2src",
@@ -154,7 +154,7 @@ class CycleGAN(nn.Module):
                         else ResnetGenerator(channels, 9 if size >= 256 else 6, ngf))
         self.G_src2dst, self.G_dst2src = make(), make()  # G: X -> Y, F: Y -> X
         self.D_src, self.D_dst = PatchDiscriminator(channels, ndf), PatchDiscriminator(channels, ndf)
-        for m in self.modules():  # weights ~ N(0, 0.02), biases 0 (App. 7.1); instance norm has none here
+        for m in self.modules():  # weights ~ N(0, 0.02) (App. 7.1), biases 0 (ref. code); instance norm has none here
             if isinstance(m, nn.modules.conv._ConvNd):
                 nn.init.normal_(m.weight, 0.0, INIT_STD), nn.init.zeros_(m.bias)
 
@@ -167,9 +167,9 @@ def gan_loss(logits, real, mode):
     return F.mse_loss(logits, target) if mode == "lsgan" else F.binary_cross_entropy_with_logits(logits, target)
 
 class ImagePool:
-    """The history of fakes D learns from (Sec. 4): until it holds `size` images each fake is stored
-    and passed on; then with probability 1/2 a random stored fake goes to D and the new one takes its
-    place. Size 0: off. Its own seeded CPU generator (no device sync) is checkpointed with the images."""
+    """The history of fakes D learns from (Sec. 4), by the reference code's rule: until it holds `size`
+    images each fake is stored and passed on; then with probability 1/2 a random stored fake goes to D and
+    the new one takes its place. Size 0: off. Its own seeded CPU generator (no device sync) is checkpointed."""
 
     def __init__(self, size, seed, device="cpu"):
         self.size, self.rng = size, torch.Generator().manual_seed(seed)
@@ -234,7 +234,7 @@ def train_step(nets, opt_g, opt_d, scaler, pool_src, pool_dst, autocast, x, y, g
     scaler.step(opt_g)
 
     D_src.requires_grad_(True), D_dst.requires_grad_(True)
-    # Real -> 1, a pooled fake -> 0; halved "to slow down the rate at which D learns relative to G" (App. 7.1)
+    # Real -> 1, a pooled fake -> 0; halved: "we divide the objective by 2 while optimizing D" (App. 7.1)
     with autocast:  # logits (B, 1, P, P)
         real_src, pooled_src = D_src(augment(x)), D_src(augment(pool_src.query(fake_src)))
         real_dst, pooled_dst = D_dst(augment(y)), D_dst(augment(pool_dst.query(fake_dst)))
@@ -352,7 +352,7 @@ def epoch_plan(n_src, n_dst, batch_size, crop, flip, seed, epoch):
     return rows.view(8, -1, batch_size).transpose(0, 1)
 
 def jitter(images, rows, size):
-    """App. 7.1's random jitter, on the device: rows = (index, top, left, flip) of a batch of the
+    """The random jitter (pix2pix; reference code), on the device: rows = (index, top, left, flip) of a batch of the
     uint8 images (decoded at 286/256 x size) -> float (B, C, size, size) in [-1, 1], each cropped at
     (top, left) and mirrored where flip, in one gather."""
     index, top, left, flip = rows
@@ -412,7 +412,7 @@ def make_parts(args, device, layout, fp16):
 def make_evaluator(args, device):
     """metrics.py's Evaluator on the real dst training images, whole at --size, and the src images
     whose translations it scores: the test split's (never trained on) if there is one and --eval-src
-    test, else the whole source training split (as the papers: 1,341 translated normal X-rays, Sec. III).
+    test, else the whole source training split (the papers: 1,341 fakes per set, their count of normal X-rays).
     Built before training: missing weights fail now, not after 25 epochs."""
     import metrics  # only --eval-every needs metrics.py: cyclegan.py alone trains without it
     test = Path(args.test_data or Path(args.data).parent / "test")

@@ -5,8 +5,8 @@ exact 64x64x1 layer tables (Table 1: G, 3,574,656 parameters; Table 2: D, 2,763,
 batch 32, Adam 2e-4 with betas (0.5, 0.999), LeakyReLU 0.2, weights N(0, 0.02) (Sec. 3.1-3.3),
 logging Loss_D, Loss_G, D(x), D(G(z)) (Sec. 3.4.1). Where it is silent: Radford, Metz & Chintala,
 "Unsupervised Representation Learning with Deep Convolutional GANs", ICLR 2016, arXiv:1511.06434.
-Noori, "Generating Medical Chest X-Ray Images using GAN", IJISAE 2024, Table 1: --noise normal --beta1 0.55
---batch-size 50 (its lr: 0.002 in the table, 0.0002 in the text; its D and G are 64 x 64 too).
+Noori, "Generating Medical Chest X-Ray Images using Generative Adversarial Network", IJISAE 2024: --beta1 0.55
+--batch-size 50 (Table 1), --noise normal (Sec. 6.1); lr: 0.002 in Table 1, 0.0002 in Sec. 7; G out, D in: 64 x 64 (Sec. 6).
 
   python dcgan.py --data data/synth/train --cls normal --size 32 --epochs 5       # a CPU demo
   python dcgan.py --data data/train --cls viral          # the paper: 64 px, batch 32, 200 epochs
@@ -53,7 +53,7 @@ MAKE_DATA = "make it with `python prep.py kermany PATH` or `python prep.py synth
 
 def block_widths(size, base):
     """Widths of the blocks at side 4, 8, ..., size/2: [512, 256, 128, 64] at 64 px. The width
-    doubles as the side halves (Radford et al. Fig. 1), capped at MAX_WIDTH; D uses it reversed."""
+    doubles as the side halves (Tables 1-2; Radford et al. Fig. 1), capped at MAX_WIDTH; D uses it reversed."""
     return [min(MAX_WIDTH, base * 2 ** i) for i in reversed(range(int(math.log2(size)) - 2))]
 
 class Generator(nn.Sequential):
@@ -65,8 +65,8 @@ class Generator(nn.Sequential):
         ConvTranspose2d(256, 128, 4, 2, 1)   (B, 128, 16, 16)     524,288 params, BN   256, ReLU
         ConvTranspose2d(128, 64, 4, 2, 1)    (B, 64, 32, 32)      131,072 params, BN   128, ReLU
         ConvTranspose2d(64, 1, 4, 2, 1)      (B, 1, 64, 64)         1,024 params, Tanh   = 3,574,656
-    No convolution has a bias (BatchNorm has the shift). The paper's first layer, "fully connected,
-    reshaped to 4x4x512", is exactly a 4x4 transposed convolution of a 1x1 input.
+    No convolution has a bias (BatchNorm has the shift). Sec. 3.1's "fully connected layer reshaped
+    to size 4 x 4 x 512" (Table 1: a ConvTranspose2d) is exactly a 4x4 transposed convolution of a 1x1 input.
     """
 
     def __init__(self, size=64, channels=1, nz=NZ, ngf=NGF):
@@ -89,8 +89,8 @@ class Discriminator(nn.Module):
         Conv2d(128, 256, 4, 2, 1)   (B, 256, 8, 8)       524,288 params, BN   512, LeakyReLU, Dropout
         Conv2d(256, 512, 4, 2, 1)   (B, 512, 4, 4)     2,097,152 params, BN 1,024, LeakyReLU, Dropout
         Conv2d(512, 1, 4, 1, 0)     (B, 1, 1, 1)           8,192 params               = 2,763,520
-    Table 2 ends in a Sigmoid; we return the logit and use BCE-with-logits, the same loss but
-    numerically stable and allowed under autocast (BCELoss is not).
+    Table 2 puts the last Dropout before its LeakyReLU (the two commute) and ends in a Sigmoid; we return
+    the logit and use BCE-with-logits, the same loss but numerically stable and autocast-safe (BCELoss is not).
     """
     def __init__(self, size=64, channels=1, ndf=NDF, dropout=DROPOUT):
         super().__init__()
@@ -110,7 +110,7 @@ class Discriminator(nn.Module):
         return self.net(x).flatten()
 
 def init_weights(m):
-    """Convolutions ~ N(0, 0.02); BatchNorm scale ~ N(1, 0.02), shift 0 (Radford et al. Sec. 4)."""
+    """Conv weights ~ N(0, 0.02) (Sec. 3.3.1; Radford et al. Sec. 4); BatchNorm's N(1, 0.02), shift 0: pytorch/examples."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)):
         nn.init.normal_(m.weight, 1.0 if isinstance(m, nn.BatchNorm2d) else 0.0, INIT_STD)
     if isinstance(m, nn.BatchNorm2d):
@@ -119,8 +119,8 @@ def init_weights(m):
 # -- The training step ---------------------------------------------------------------------------
 
 def sample_z(n, kind, device="cpu", generator=None):
-    """z (n, NZ, 1, 1) ~ U(-1, 1) ("drawn from a uniform distribution", Sec. 3.1; Radford et al.) or
-    N(0, 1) (Noori; pytorch/examples)."""
+    """z (n, NZ, 1, 1) ~ U(-1, 1) (Sec. 3.1: "drawn from a uniform distribution"; the range is ours) or
+    N(0, 1) (Noori Sec. 6.1: "normal distribution-based"; pytorch/examples)."""
     if kind == "uniform":
         return torch.rand(n, NZ, 1, 1, device=device, generator=generator) * 2 - 1
     return torch.randn(n, NZ, 1, 1, device=device, generator=generator)
@@ -411,7 +411,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=in_range(int, 1), default=EPOCHS, help="epochs in all, across resumes")
     p.add_argument("--batch-size", type=in_range(int, 1), default=BATCH_SIZE, help="images per step")
     p.add_argument("--lr", type=in_range(float, 1e-12), default=LR, help="Adam learning rate of G and D")
-    p.add_argument("--beta1", type=in_range(float, 0, 1), default=BETAS[0], help="Adam's beta1 (Noori: 0.55)")
+    p.add_argument("--beta1", type=in_range(float, 0, 1), default=BETAS[0], help="Adam's beta1 (Noori, Table 1: 'Beta 0.55')")
     p.add_argument("--dropout", type=in_range(float, 0, 1), default=DROPOUT, help="D's dropout rate")
     p.add_argument("--diffaug", action=argparse.BooleanOptionalAction, default=False, help="DiffAugment before D")
     p.add_argument("--noise", choices=("uniform", "normal"), default="uniform", help="z ~ U(-1, 1) or N(0, 1)")

@@ -4,7 +4,7 @@
   Time-Scale Update Rule Converge to a Local Nash Equilibrium", NeurIPS 2017, arXiv:1706.08500):
   the Frechet distance of Gaussians fitted to the 2048-d pool3 features of TensorFlow's
   Inception-v3 of 2015-12-05 (C. Szegedy et al., "Rethinking the Inception Architecture for
-  Computer Vision", CVPR 2016, arXiv:1512.00567), the network of every published FID. Written
+  Computer Vision", CVPR 2016, arXiv:1512.00567), the network of the reference FID code. Written
   out below with the module names of pytorch-fid's weights file and its preprocessing, so the
   numbers are pytorch-fid's (tests/test_metrics.py checks it against pytorch-fid itself).
 - IS (T. Salimans et al., "Improved Techniques for Training GANs", NeurIPS 2016, arXiv:1606.03498,
@@ -12,8 +12,8 @@
 - KID (M. Binkowski, D. J. Sutherland, M. Arbel, A. Gretton, "Demystifying MMD GANs", ICLR 2018,
   arXiv:1801.01401): unbiased, the better choice for the small sets of medical imaging.
 - Precision and recall (T. Kynkaanniemi, T. Karras, S. Laine, J. Lehtinen, T. Aila, "Improved
-  Precision and Recall Metric for Assessing Generative Models", NeurIPS 2019, arXiv:1904.06991,
-  Sec. 3): fidelity and diversity apart (mode collapse: high precision, low recall).
+  Precision and Recall Metric for Assessing Generative Models", NeurIPS 2019, arXiv:1904.06991):
+  fidelity and diversity apart (mode collapse: high precision, low recall).
   IS, KID and precision/recall follow torch-fidelity's conventions.
 - Memorization (`nn`): each fake's nearest training image, in features and in pixels, against
   how near real images the GAN never saw (--held-out) come to the training set. Fakes nearer than
@@ -80,10 +80,10 @@ BN_EPS = 1e-3             # TensorFlow's BatchNorm epsilon (PyTorch's default is
 BATCH_SIZE = 50           # pytorch-fid's default; results do not depend on it on the CPU
 FID_MIN_N = 2048          # below the feature dimension the covariance is singular and FID biased
 SEED = 2020               # torch-fidelity's seed (IS shuffle, KID subsets): the same draws as it
-IS_SPLITS = 10            # Salimans et al. 2016 and every implementation since
+IS_SPLITS = 10            # the OpenAI code of Salimans et al. 2016, and torch-fidelity
 KID_SUBSETS = 100         # torch-fidelity, clean-fid and torchmetrics
 KID_SUBSET_SIZE = 1000    # the same; capped at the smaller set's N
-PR_K = 3                  # Kynkaanniemi et al. 2019, Sec. 3
+PR_K = 3                  # the k of Kynkaanniemi et al. 2019
 COPY_QUANTILE = 0.01      # near-copy: nearer to a training image than 99% of the reference images
 PIXEL_SIZE = 64           # pixel-space distances on 64 x 64 grayscale thumbnails
 GRID_PAIRS, GRID_CELL = 16, 128  # rows of the closest-pairs picture, pixels per image in it

@@ -322,7 +322,7 @@ def kermany_rows(path):
 
 def covid_class(finding):
     """The class of a metadata.csv `finding` ("Pneumonia/Viral/COVID-19"), or None to leave the row out:
-    the four classes of Davoodi & Lo Giudice (Sec. 1: covid, normal, bacterial and viral pneumonia). Other
+    the four classes of Davoodi & Lo Giudice (Sec. 2: covid, normal, pneumonia bacteria and viral). Other
     findings (fungal, lipoid, tuberculosis, unknown) are left out."""
     f = finding.lower()
     if "covid-19" in f or f.startswith("no finding"):
