@@ -1,6 +1,8 @@
 """Remake the pictures the README shows (small PNGs, under 150 KB each).
 
-    python assets/make.py study      # assets/study_page.png: the reader-study page, mid-study, in headless Chromium
+    python assets/make.py study                       # study_page.png: the reader-study page in headless Chromium
+    python assets/make.py shrink SRC.png NAME         # NAME.png: a sample grid (from tests/evidence_real.py, a
+                                                      # run's samples/ or --translate --grid), gray, <= 150 KB
 
 The study page is made from phantoms (prep.py synthetic), so it needs no data; it needs Debian's
 chromium and chromium-driver and the selenium package (tests/requirements.txt).
@@ -47,7 +49,20 @@ def study():
     print(f"wrote {ASSETS / 'study_page.png'} ({(ASSETS / 'study_page.png').stat().st_size // 1024} KB)")
 
 
+def shrink(src, name, limit=150_000):
+    """A gray copy of src, halved until it is under `limit` bytes."""
+    img = Image.open(src).convert("L")
+    while True:
+        img.save(ASSETS / f"{name}.png", optimize=True)
+        if (ASSETS / f"{name}.png").stat().st_size <= limit:
+            break
+        img = img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.Resampling.LANCZOS)
+    print(f"wrote {ASSETS / name}.png ({img.width} x {img.height}, {(ASSETS / f'{name}.png').stat().st_size // 1024} KB)")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["study"])
-    {"study": study}[p.parse_args().what]()
+    p.add_argument("what", choices=["study", "shrink"])
+    p.add_argument("args", nargs="*", help="shrink: SRC.png NAME")
+    a = p.parse_args()
+    study() if a.what == "study" else shrink(*a.args)

@@ -163,8 +163,9 @@ def main():
     p.add_argument("--fid-weights", required=True, help="FID Inception weights (pool3) for the features")
     p.add_argument("--work", required=True, help="folder for the run, the cache and the results")
     p.add_argument("--threads", type=int, default=0, help="torch threads here (0: torch's default)")
-    p.add_argument("extra", nargs="*", help="after --: flags for the GAN script")
-    args = p.parse_args()
+    argv = sys.argv[1:]  # after --: flags for the GAN script
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.extra = argv[argv.index("--") + 1:] if "--" in argv else []
     if args.threads:
         torch.set_num_threads(args.threads)
     work, run_dir = Path(args.work), Path(args.work) / "run"
