@@ -103,6 +103,7 @@ def test_parameter_counts_match_the_papers_tables():
         "LeakyReLU", "Dropout", "Conv2d", "BatchNorm2d", "LeakyReLU", "Dropout", "Conv2d"]
     assert all(m.bias is None for m in [*G, *D.net] if isinstance(m, torch.nn.modules.conv._ConvNd))
     assert [m.p for m in D.net if isinstance(m, torch.nn.Dropout)] == [dcgan.DROPOUT] * 3
+    assert [m.p for m in dcgan.Discriminator(dropout=0.5).net if isinstance(m, torch.nn.Dropout)] == [0.5] * 3
     assert [m.negative_slope for m in D.net if isinstance(m, torch.nn.LeakyReLU)] == [0.2] * 4
     assert G[0].in_channels == 100
 
@@ -200,6 +201,7 @@ def test_short_run_writes_every_output(short_run):
     args = config["args"]  # the paper's values by default (Sec. 3.3.1)
     assert (args["batch_size"], args["lr"], args["epochs"], args["cls"]) == (4, 2e-4, 2, "normal")
     assert config["device"] == "cpu" and config["amp"] == "off"  # --amp is off on a CPU by default
+    assert args["dropout"] == dcgan.DROPOUT == 0 and args["noise"] == "uniform"  # measured on Kermany; Sec. 3.1
     rows = read_rows(short_run / "log.csv")
     assert [(int(r["step"]), int(r["epoch"])) for r in rows] == [(1, 1), (2, 1), (3, 2), (4, 2)]
     assert list(rows[0]) == ["step", "epoch", *dcgan.STATS, "ms_per_step"]
