@@ -1,8 +1,8 @@
 """Remake the pictures the README shows (small PNGs, under 150 KB each).
 
     python assets/make.py study                       # study_page.png: the reader-study page in headless Chromium
-    python assets/make.py shrink SRC.png NAME         # NAME.png: a sample grid (from tests/evidence_real.py, a
-                                                      # run's samples/ or --translate --grid), gray, <= 150 KB
+    python assets/make.py shrink NAME SRC.png [SRC.png ...] [--rows 4]   # NAME.png: sample grids (tests/
+        evidence_real.py's grids/, a run's samples/) side by side, 10 px apart, the top 4 of 8 rows, gray, <= 150 KB
 
 The study page is made from phantoms (prep.py synthetic), so it needs no data; it needs Debian's
 chromium and chromium-driver and the selenium package (tests/requirements.txt).
@@ -49,9 +49,12 @@ def study():
     print(f"wrote {ASSETS / 'study_page.png'} ({(ASSETS / 'study_page.png').stat().st_size // 1024} KB)")
 
 
-def shrink(src, name, limit=150_000):
-    """A gray copy of src, halved until it is under `limit` bytes."""
-    img = Image.open(src).convert("L")
+def shrink(name, *srcs, rows=8, limit=150_000):
+    """Gray copies of srcs (8 x 8 grids, top `rows` rows) side by side, scaled by 3/4 until under `limit` bytes."""
+    parts = [(im := Image.open(s).convert("L")).crop((0, 0, im.width, 2 + (im.height - 2) * rows // 8)) for s in srcs]
+    img = Image.new("L", (sum(p.width for p in parts) + 10 * (len(parts) - 1), max(p.height for p in parts)), 255)
+    for i, p in enumerate(parts):
+        img.paste(p, (sum(q.width + 10 for q in parts[:i]), 0))
     while True:
         img.save(ASSETS / f"{name}.png", optimize=True)
         if (ASSETS / f"{name}.png").stat().st_size <= limit:
@@ -63,6 +66,7 @@ def shrink(src, name, limit=150_000):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["study", "shrink"])
-    p.add_argument("args", nargs="*", help="shrink: SRC.png NAME")
+    p.add_argument("args", nargs="*", help="shrink: NAME SRC.png [SRC.png ...]")
+    p.add_argument("--rows", type=int, default=8, help="shrink: keep the top ROWS rows of each 8-row grid")
     a = p.parse_args()
-    study() if a.what == "study" else shrink(*a.args)
+    study() if a.what == "study" else shrink(*a.args, rows=a.rows)
