@@ -265,13 +265,15 @@ def make_fakes(args, step, cls, run_dir, tmp, log):
             import dcgan
             G = dcgan.Generator(args.size).apply(dcgan.init_weights).eval()
             with torch.no_grad():
-                return ((G(torch.randn(args.n, dcgan.NZ, 1, 1)) + 1) * 127.5).round().clamp(0, 255).byte()
-        run(["acgan.py", "--data", Path(args.data) / "train", "--out", tmp / "untrained", "--size", args.size,
-             "--max-steps", 1, "--sample-every", 0, "--seed", args.seed, *args.extra], log)  # one step: ~untrained
+                z = dcgan.sample_z(args.n, "normal" if "normal" in args.extra else "uniform")  # as --noise
+                return ((G(z) + 1) * 127.5).round().clamp(0, 255).byte()
         path = tmp / "untrained" / "checkpoints" / "last.pt"
+        if not path.exists():  # one step: ~untrained
+            run(["acgan.py", "--data", Path(args.data) / "train", "--out", tmp / "untrained", "--size", args.size,
+                 "--max-steps", 1, "--sample-every", 0, "--seed", args.seed, *args.extra], log)
     else:
         path = run_dir / "checkpoints" / f"step_{step:06d}.pt"
-    out = tmp / f"{step}_{cls}"
+    out = tmp / (f"{step}" if args.model == "acgan" else f"{step}_{cls}")  # AC-GAN: every class at once
     if not out.exists():
         run([f"{args.model}.py", "--generate", args.n, "--ckpt", path, "--out", out, "--seed", args.seed + 1,
              "--device", "cpu"], log)
