@@ -8,7 +8,7 @@
 source "$(dirname "$0")/common.sh"
 case $SCALE in
   toy)   STEPS="--max-steps 2 --batch-size 4 --size 32"; N=8; CLS="--epochs 1 --min-steps 2 --seeds 1"; S=32 ;;
-  cpu)   STEPS="--max-steps 600"; N=300; CLS="--epochs 15 --seeds 3"; S=64 ;;
+  cpu)   STEPS="--max-steps 500"; N=300; CLS="--epochs 15 --seeds 3"; S=64 ;;
   paper) STEPS=""; N=500; CLS="--epochs 300 --recipe paper --seeds 3"; S=64 ;;   # Table 4: 300 epochs
 esac
 prepare $S

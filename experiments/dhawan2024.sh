@@ -8,7 +8,7 @@ source "$(dirname "$0")/common.sh"
 case $SCALE in
   toy)   GAN="--max-steps 2 --batch-size 4 --size 64 --g-channels 64 --d-channels 8"; S=64; N=8
          CLS="--epochs 2 --min-steps 2 --val-frac 0.25 --seeds 1" ;;
-  cpu)   GAN="--max-steps 1500 --size 64"; S=64; N=400; CLS="--arch small --epochs 30 --val-frac 0.1 --seeds 3" ;;
+  cpu)   GAN="--max-steps 1000 --size 64"; S=64; N=400; CLS="--arch small --epochs 30 --val-frac 0.1 --seeds 3" ;;
   paper) GAN=""; S=112; N=1500; CLS="--arch efficientnet_v2_s --pretrained --epochs 50 --val-frac 0.1 --seeds 3" ;;
 esac
 prepare $S --crop --zscore

@@ -8,7 +8,7 @@
 source "$(dirname "$0")/common.sh"
 case $SCALE in
   toy)   RUN="--max-steps 2 --size 32 --ngf 8 --ndf 8"; S=64; EVAL=2; DSTS=pneumonia ;;
-  cpu)   RUN="--max-steps 3000 --size 64 --ngf 32 --ndf 32"; S=128; EVAL=1500; DSTS="pneumonia bacterial viral" ;;
+  cpu)   RUN="--max-steps 2000 --size 64 --ngf 32 --ndf 32"; S=128; EVAL=1000; DSTS="pneumonia bacterial viral" ;;
   paper) RUN="--epochs 100 --decay-epochs 0 --size 256"; S=286; EVAL=epochs; DSTS="pneumonia bacterial viral" ;;
 esac
 prepare $S
