@@ -43,7 +43,7 @@ LEAK, INIT_STD = 0.2, 0.02  # LeakyReLU slope; weights ~ N(0, 0.02) (Sec. 3.3.1;
 BATCH_SIZE, LR, BETAS = 32, 2e-4, (0.5, 0.999)  # Sec. 3.3.1
 EPOCHS = 200             # the paper's log line reads [200/200] (Sec. 3.4.1)
 # Table 2 places Dropout layers, no rate. Kermany normals, 64 px, 1,000 steps: 0.5 collapsed G (diversity 0.54
-DROPOUT = 0.0            # of real's), 0 did not (0.81; KID 0.39 vs 0.40). The layers stay: --dropout 0.5
+DROPOUT = 0.0            # of real's), 0 did not (0.81; KID 0.39 vs 0.40). Layers kept; 0.5: --dropout 0.5
 SIZES = (32, 64, 128, 256)
 CLASSES = ("normal", "bacterial", "viral", "covid")
 GRID = 8                 # sample grids are GRID x GRID

@@ -1,8 +1,8 @@
 """Remake the pictures the README shows (small PNGs, under 150 KB each).
 
     python assets/make.py study                       # study_page.png: the reader-study page in headless Chromium
-    python assets/make.py shrink NAME SRC.png [SRC.png ...] [--rows 4]   # NAME.png: sample grids (tests/
-        evidence_real.py's grids/, a run's samples/) side by side, 10 px apart, the top 4 of 8 rows, gray, <= 150 KB
+    python assets/make.py shrink NAME SRC.png [SRC.png ...] [--rows R]   # NAME.png: sample grids (tests/
+        evidence_real.py's grids/, a run's samples/) side by side, 10 px apart, the top R of 8 rows, gray, <= 150 KB
 
 The study page is made from phantoms (prep.py synthetic), so it needs no data; it needs Debian's
 chromium and chromium-driver and the selenium package (tests/requirements.txt).
